@@ -1,0 +1,243 @@
+"""The one typed config of the pipeline.
+
+`PipelineConfig` is loaded from YAML (`load_config`), can be overridden from the command line
+(`key.sub=value`), and is the flows' single parameter, so the Prefect UI renders it as a form and
+MLflow logs it flattened as params. Every field has a default that runs the CPU demo.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    # A typo'd key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """The built-in offline demo model (used when `model.policy` is "tiny")."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    max_position_embeddings: int = Field(256, gt=0)
+
+
+class ModelConfig(_Section):
+    policy: str = Field("tiny", description='"tiny" (built-in demo model), a hub id, or a local path')
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description='"cpu", "cuda", "cuda:1", ...')
+    trust_remote_code: bool = False
+    seed: int = 0
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class ArithmeticConfig(_Section):
+    """Difficulty knobs of the synthetic word-problem task."""
+
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(3, ge=1)
+    max_operand: int = Field(10, ge=2)
+    max_multiplier: int = Field(5, ge=2)
+    max_intermediate: int = Field(150, ge=10)
+
+    @model_validator(mode="after")
+    def _steps_ordered(self):
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must be <= max_steps")
+        return self
+
+
+class DataConfig(_Section):
+    prompt_set: str = Field("arithmetic", description='"arithmetic" (built-in) or a GSM8K-format .jsonl/.parquet path')
+    test_set: str | None = Field(None, description="GSM8K-format test file; default: split from prompt_set")
+    train_size: int = Field(20000, gt=0)
+    test_size: int = Field(500, gt=0)
+    seed: int = 1234
+    skip_malformed: bool = False
+    arithmetic: ArithmeticConfig = ArithmeticConfig()
+
+
+class SamplingConfig(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    group_size: int = Field(8, gt=0, description="G: outputs sampled per question")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="rows (prompt x sample) per generate call")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_sleep_between_steps: bool = False
+
+
+class RewardSource(_Section):
+    name: Literal["verifier", "outcome_rm", "process_rm"]
+    weight: float = 1.0
+
+
+class RewardConfig(_Section):
+    supervision: Literal["outcome", "process"] = "outcome"
+    sources: list[RewardSource] = [RewardSource(name="verifier")]
+    on_error: Literal["fail", "zero"] = "fail"
+    rm_score: Literal["probability", "logit"] = "probability"
+
+
+class GRPOConfig(_Section):
+    lr: float = Field(3e-5, gt=0)
+    beta: float = Field(0.04, ge=0)
+    eps_low: float = Field(0.2, gt=0)
+    eps_high: float | None = Field(None, gt=0)
+    mu: int = Field(1, gt=0, description="policy updates per sampled batch")
+    aggregation: Literal["sequence", "token", "dr_grpo"] = "sequence"
+    adv_eps: float = Field(1e-4, gt=0)
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class IterationsConfig(_Section):
+    iterations: int = Field(2, gt=0, description="I: outer iterations (reference refresh + RM retrain)")
+    steps_per_iteration: int = Field(50, gt=0, description="M: GRPO steps per iteration")
+    questions_per_step: int = Field(8, gt=0)
+    eval_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(1, gt=0)
+
+
+class RewardModelConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(64, gt=0)
+    replay_ratio: float = Field(0.1, ge=0, lt=1)
+    freeze_backbone: bool = False
+    init_samples_per_question: int = Field(4, gt=0)
+    init_questions: int = Field(512, gt=0)
+
+
+class SFTConfig(_Section):
+    steps: int = Field(1200, ge=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(None, description="default: sqlite:///<artifacts_root>/mlflow.db")
+    experiment: str = "iterative-grpo"
+
+
+class StorageConfig(_Section):
+    artifacts_root: str = "artifacts"
+
+
+class PipelineConfig(_Section):
+    run_id: str | None = Field(None, description="names the run; re-using it resumes the run")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    loop: IterationsConfig = IterationsConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    def artifacts(self) -> Path:
+        return Path(self.storage.artifacts_root).resolve()
+
+    def mlflow_uri(self) -> str:
+        return self.tracking.mlflow_uri or f"sqlite:///{self.artifacts() / 'mlflow.db'}"
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of some sections, to key reusable outputs (data splits, SFT model)."""
+        blob = json.dumps({s: getattr(self, s).model_dump() for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, for MLflow params."""
+        return _flatten(self.model_dump())
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the field path."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{path}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"invalid override {dotted!r}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["grpo.lr=1e-5", "loop.iterations=3"]` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"invalid override {item!r}: expected key.sub=value")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid config: {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: {path} must hold a mapping at the top level")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

@@ -1,0 +1,135 @@
+"""GRPO policy loss (DeepSeekMath eq. for J_GRPO; see shared/spec/grpo.md).
+
+Pure functions over tensors, [B, T] = [outputs, completion positions], with a
+`mask` that is true on completion tokens. Per token:
+
+    ratio = exp(logp - old_logp)
+    surr  = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    kl    = exp(ref_logp - logp) - (ref_logp - logp) - 1          # k3, >= 0
+    loss  = -aggregate(surr - beta * kl)
+
+The KL is a per-token loss term, not a reward penalty. With mu = 1 the ratio is
+1 in value but not in gradient, so it is never special-cased.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token, [B, T] -> [B, T].
+
+    Unbiased and always >= 0 (x - 1 - log x >= 0 with x = pi_ref / pi); its
+    gradient w.r.t. logp is 1 - pi_ref / pi.
+    """
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def aggregate_sequence(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """Paper: mean over each output's own tokens, then mean over outputs. [B, T] -> [].
+
+    Rows without a token (e.g. batch padding) are left out of the mean over
+    outputs rather than counted as zero, so they cannot shrink the update; this
+    only differs from TRL's "grpo" (which divides by B) when such rows exist.
+    """
+    tokens = mask.sum(-1)
+    row_mean = values.masked_fill(~mask, 0).sum(-1) / tokens.clamp(min=1)
+    return row_mean.sum() / (tokens > 0).sum().clamp(min=1)
+
+
+def aggregate_token(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """DAPO: sum over all tokens of the batch / number of tokens. [B, T] -> []."""
+    return values.masked_fill(~mask, 0).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate_dr_grpo(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """Dr. GRPO: sum over tokens / (B * max_len), a constant that has no length bias. [B, T] -> []."""
+    max_len = values.shape[-1] if max_len is None else max_len
+    return values.masked_fill(~mask, 0).sum() / (values.shape[0] * max_len)
+
+
+LOSS_AGGREGATIONS: Mapping[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "sequence": aggregate_sequence,
+    "token": aggregate_token,
+    "dr_grpo": aggregate_dr_grpo,
+}
+
+
+def get_loss_aggregation(name: str) -> Callable[[Tensor, Tensor, int | None], Tensor]:
+    try:
+        return LOSS_AGGREGATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown loss aggregation {name!r}; expected one of {sorted(LOSS_AGGREGATIONS)}") from None
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.04,
+    aggregation: str = "sequence",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped GRPO loss and its metrics.
+
+    logp, old_logp, ref_logp, mask: [B, T]; ref_logp may be None when beta == 0.
+    advantages: [B] (outcome, broadcast over tokens) or [B, T] (process).
+    mask: true (or nonzero) on completion tokens.
+    eps_high: upper clip (DAPO's clip-higher); None means eps_low.
+    aggregation: a LOSS_AGGREGATIONS name; max_len is Dr. GRPO's constant (default T).
+
+    Returns (loss [] with grad, metrics): "kl" (masked mean k3; 0 without ref),
+    "clip_frac_low" / "clip_frac_high" (fraction of tokens where the clip is active:
+    A < 0 and ratio < 1 - eps_low / A > 0 and ratio > 1 + eps_high), "ratio_mean",
+    "pg_loss" (-aggregate(surr), the loss without the KL term).
+    """
+    if beta != 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp; pass beta=0 to train without a reference model")
+    if not logp.shape == old_logp.shape == mask.shape:
+        shapes = [tuple(x.shape) for x in (logp, old_logp, mask)]
+        raise ValueError(f"logp, old_logp and mask must have one shape, got {shapes}")
+    eps_high = eps_low if eps_high is None else eps_high
+    aggregate = get_loss_aggregation(aggregation)
+    mask = mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+
+    # Padding positions can hold anything (-inf logp, NaN). Replace them with 0
+    # before any arithmetic: multiplying by the mask afterwards is not enough,
+    # since 0 * inf = NaN in the forward and backward. torch.where sends exactly
+    # zero gradient to the branch it did not select.
+    zero = logp.new_zeros(())
+    logp = torch.where(mask, logp, zero)
+    old_logp = torch.where(mask, old_logp, zero)
+    advantages = torch.where(mask, advantages, zero)
+
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    surr = torch.minimum(ratio * advantages, clipped * advantages)
+    kl = kl_k3(logp, torch.where(mask, ref_logp, zero)) if ref_logp is not None else torch.zeros_like(logp)
+    objective = surr - beta * kl if beta != 0 else surr
+    loss = -aggregate(objective, mask, max_len)
+
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp(min=1)
+
+        def masked_mean(x: Tensor) -> float:
+            return (x.masked_fill(~mask, 0).sum() / n_tokens).item()
+
+        metrics = {
+            "kl": masked_mean(kl),
+            "clip_frac_low": masked_mean(((advantages < 0) & (ratio < 1 - eps_low)).to(logp.dtype)),
+            "clip_frac_high": masked_mean(((advantages > 0) & (ratio > 1 + eps_high)).to(logp.dtype)),
+            "ratio_mean": masked_mean(ratio),
+            "pg_loss": -aggregate(surr, mask, max_len).item(),
+        }
+    return loss, metrics

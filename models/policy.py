@@ -1,0 +1,106 @@
+"""Per-token log-probs (and entropies) of completions under a causal LM.
+
+Layout used everywhere in the pipeline: a batch of B completions is `[B, T]`, completion token t
+of row i at column t (left-aligned), with `mask[i, t] = t < len(completion_i)`. Prompts are never
+part of the `[B, T]` tensors.
+
+For the forward pass, prompt+completion are left-padded so every row ends at the same column;
+then only the last T+1 positions need logits (`logits_to_keep`), and positions are derived from
+the attention mask exactly as `generate` derives them, so the numbers match the sampler's.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """Left-padded prompt+completion rows.
+
+    input_ids, attention_mask, position_ids: [B, L]; completion_lens: [B] (long).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_lens: torch.Tensor
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+         device: str | torch.device = "cpu") -> PackedBatch:
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    lens = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
+    return PackedBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), lens.to(device))
+
+
+def right_to_left(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """[B, T] right-aligned rows (valid entries are each row's last lens[i]) -> left-aligned, zeros after."""
+    B, T = x.shape
+    cols = torch.arange(T, device=x.device).expand(B, T)
+    src = (cols + (T - lens).unsqueeze(1)).clamp(max=T - 1)
+    out = x.gather(1, src)
+    return torch.where(cols < lens.unsqueeze(1), out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
+    """logits [B, T, V] (any dtype), targets [B, T] -> (logp [B, T] fp32, entropy [B, T] fp32 | None).
+
+    Row by row, so at most one row's [T, V] float32 log-softmax exists at a time (a 150k vocabulary
+    at T=1024 is 600 MB per row in float32; a whole batch at once would not fit).
+    """
+    logps, ents = [], []
+    for row_logits, row_targets in zip(logits, targets):
+        lsm = torch.log_softmax(row_logits.float(), dim=-1)
+        logps.append(lsm.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1))
+        if want_entropy:
+            with torch.no_grad():
+                ents.append(-(lsm.exp() * lsm).sum(-1))
+    return torch.stack(logps), (torch.stack(ents) if want_entropy else None)
+
+
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
+                        width: int | None = None, micro_batch_size: int | None = None, with_grad: bool = False,
+                        return_entropy: bool = False):
+    """Per-token log-probs of each completion given its prompt.
+
+    Returns (logp [B, T] float32, mask [B, T] bool, entropy [B, T] float32 or None), T = `width`
+    or the longest completion. With `with_grad=False` no graph is kept. Micro-batches bound the
+    activations held at once; with grad the graphs of all micro-batches stay alive, so a trainer
+    that wants to bound memory calls this once per micro-batch and backpropagates in between.
+    """
+    B = len(completion_ids)
+    T = width if width is not None else max((len(c) for c in completion_ids), default=0)
+    device = next(model.parameters()).device
+    step = micro_batch_size or B or 1
+    logps, ents = [], []
+    with nullcontext() if with_grad else torch.no_grad():
+        for start in range(0, B, step):
+            pb = pack(prompt_ids[start:start + step], completion_ids[start:start + step], pad_id, device)
+            t_mb = int(pb.completion_lens.max()) if len(pb.completion_lens) else 0
+            logp = torch.zeros((len(pb.completion_lens), T), device=device)
+            ent = torch.zeros_like(logp) if return_entropy else None
+            if t_mb > 0:
+                out = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
+                            position_ids=pb.position_ids, logits_to_keep=t_mb + 1)
+                lp, en = _token_logprobs(out.logits[:, :-1], pb.input_ids[:, -t_mb:], return_entropy)
+                logp = torch.cat([right_to_left(lp, pb.completion_lens), logp[:, t_mb:]], dim=1)
+                if return_entropy:
+                    ent = torch.cat([right_to_left(en, pb.completion_lens), ent[:, t_mb:]], dim=1)
+            logps.append(logp)
+            ents.append(ent)
+    lens = torch.tensor([len(c) for c in completion_ids], device=device)
+    mask = torch.arange(T, device=device).expand(B, T) < lens.unsqueeze(1)
+    return torch.cat(logps), mask, (torch.cat(ents) if return_entropy else None)

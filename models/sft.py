@@ -1,0 +1,62 @@
+"""Supervised fine-tuning: the warm start the paper begins RL from (gradient coefficient 1).
+
+Masked LM loss on the completion (solution) tokens only; prompts are context, not targets.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import torch
+
+from models.policy import completion_logprobs
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sft_loss(model, prompt_ids: list[list[int]], target_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean negative log-likelihood over all target tokens of the batch."""
+    logp, mask, _ = completion_logprobs(model, prompt_ids, target_ids, pad_id=pad_id, with_grad=True)
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int, steps: int, batch_size: int,
+              lr: float, warmup_steps: int, seed: int, grad_clip: float = 1.0,
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train `model` in place on (prompt_ids, target_ids) pairs; returns the loss per step.
+
+    AdamW, warm-up + cosine schedule, shuffled epochs from a seeded RNG (same seed, same run).
+    """
+    if not examples:
+        raise ValueError("SFT needs at least one example")
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps))
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        loss = sft_loss(model, [p for p, _ in batch], [t for _, t in batch], pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses

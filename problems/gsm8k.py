@@ -1,0 +1,79 @@
+"""Load real datasets in GSM8K's format (JSONL or Parquet with `question` and `answer`).
+
+The answer holds the worked solution and ends with `#### N`; steps may carry calculator
+annotations `<<48/2=24>>`, which are stripped from the solution the policy is trained on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from problems.verify import ANSWER_MARK, extract_answer
+
+log = logging.getLogger(__name__)
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+class DatasetError(ValueError):
+    """A malformed dataset; the message names the file and line."""
+
+
+def _to_problem(row: object, where: str, idx: int) -> dict:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected an object with 'question' and 'answer'")
+    missing = [k for k in ("question", "answer") if not isinstance(row.get(k), str)]
+    if missing:
+        raise DatasetError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
+    text = row["answer"]
+    if ANSWER_MARK not in text:
+        raise DatasetError(f"{where}: answer has no '{ANSWER_MARK}' line")
+    answer = extract_answer(text)
+    if answer is None:
+        raise DatasetError(f"{where}: the '{ANSWER_MARK}' line holds no number")
+    body = _CALCULATOR.sub("", text[: text.rfind(ANSWER_MARK)]).strip()
+    solution = (body + "\n" if body else "") + f"{ANSWER_MARK} {answer}"
+    return {"id": str(row.get("id", f"{Path(where.split(':')[0]).stem}-{idx}")), "question": row["question"].strip(),
+            "solution": solution, "answer": answer}
+
+
+def _rows(path: Path):
+    """(location, row) pairs; a line that is not JSON yields its error as the row."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path}:row {i}", row
+        return
+    with path.open() as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"{path}:{i}", DatasetError(f"{path}:{i}: not valid JSON ({err.msg})")
+
+
+def load_gsm8k(path: str | Path, *, skip_malformed: bool = False) -> list[dict]:
+    """Problems as {id, question, solution, answer}. A malformed row fails the load, naming file and
+    line, unless `skip_malformed`, in which case it is skipped and the count is logged."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    problems, skipped = [], 0
+    for idx, (where, row) in enumerate(_rows(path)):
+        try:
+            if isinstance(row, DatasetError):
+                raise row
+            problems.append(_to_problem(row, where, idx))
+        except DatasetError:
+            if not skip_malformed:
+                raise
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s)", path, skipped)
+    if not problems:
+        raise DatasetError(f"{path}: no usable problems")
+    return problems
