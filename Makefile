@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/demo.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test install ui clean-artifacts
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Prefect server (http://127.0.0.1:4200) and MLflow UI (http://127.0.0.1:5000) on this machine only.
+ui: install
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 --analytics-off & \
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --default-artifact-root $(CURDIR)/artifacts/mlartifacts & \
+	wait
+
+clean-artifacts:
+	rm -rf artifacts/runs artifacts/sft artifacts/data artifacts/mlflow.db artifacts/mlartifacts

@@ -1,0 +1,106 @@
+"""One GRPO policy update on a scored, advantage-annotated batch (the inner loop of Algorithm 1).
+
+    ref_logp  <- reference model, no grad                    (skipped when beta == 0)
+    old_logp  <- policy, no grad, teacher-forced             (only when mu > 1)
+    repeat mu times:
+        for each micro-batch: loss = grpo_loss(...) * its share of the batch; backward
+        clip grad norm; AdamW step
+
+With mu == 1 the policy that sampled is the policy being updated, so `old_logp` is the update's
+own log-probs detached: the ratio is 1 in value but still carries the gradient (spec). With
+mu > 1 the first inner update's log-probs must be frozen; they are recomputed by the trainer
+rather than taken from the sampler, whose numerics (vLLM's above all) differ.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.grpo import grpo_loss
+from models.policy import completion_logprobs
+
+
+@dataclass
+class UpdateBatch:
+    """What the update needs, without re-tokenising: B rows, T = the longest completion.
+
+    advantages: [B] (outcome) or [B, T] (process); sampler_logp: [B, T] (for the mismatch metric).
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: torch.Tensor
+    sampler_logp: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return max((len(c) for c in self.completion_ids), default=0)
+
+
+def _share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:
+    """A micro-batch's weight in the full-batch loss, so that accumulated gradients equal the
+    full-batch gradient for each aggregation's denominator."""
+    mb = mask[rows]
+    if aggregation == "token":
+        return float(mb.sum()) / max(1.0, float(mask.sum()))
+    if aggregation == "sequence":  # rows with no tokens are left out of the mean (models/grpo.py)
+        return float(mb.any(-1).sum()) / max(1.0, float(mask.any(-1).sum()))
+    return mb.shape[0] / mask.shape[0]
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch: UpdateBatch, pad_id: int, micro_batch_size: int) -> torch.Tensor:
+    """[B, T] teacher-forced log-probs under `model`, no grad (pi_ref, or pi_old when mu > 1)."""
+    logp, _, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, pad_id=pad_id,
+                                     width=batch.width, micro_batch_size=micro_batch_size)
+    return logp
+
+
+def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model=None, beta: float = 0.04,
+                mu: int = 1, eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
+                grad_clip: float = 1.0, micro_batch_size: int = 64) -> dict[str, float]:
+    """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps."""
+    if beta > 0 and ref_model is None:
+        raise ValueError(f"grpo.beta={beta} needs a reference model")
+    t0 = time.perf_counter()
+    T, B = batch.width, len(batch.completion_ids)
+    device = next(policy.parameters()).device
+    mask = torch.arange(T, device=device).expand(B, T) < torch.tensor(
+        [len(c) for c in batch.completion_ids], device=device).unsqueeze(1)
+    adv = batch.advantages.to(device)
+    ref_logp = frozen_logprobs(ref_model, batch, pad_id, micro_batch_size) if beta > 0 else None
+    old_logp = frozen_logprobs(policy, batch, pad_id, micro_batch_size) if mu > 1 else None
+    policy.train()
+    totals: dict[str, float] = {}
+    for inner in range(mu):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, B, micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            logp, mb_mask, entropy = completion_logprobs(
+                policy, batch.prompt_ids[rows], batch.completion_ids[rows], pad_id=pad_id, width=T,
+                with_grad=True, return_entropy=inner == 0)
+            old = old_logp[rows] if old_logp is not None else logp.detach()
+            loss, metrics = grpo_loss(
+                logp, old, ref_logp[rows] if ref_logp is not None else None, adv[rows], mb_mask,
+                eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T)
+            share = _share(mask, rows, aggregation)
+            (loss * share).backward()
+            metrics["loss"] = loss.item()
+            if inner == 0:
+                n = mb_mask.sum().clamp(min=1)
+                metrics["entropy"] = float((entropy * mb_mask).sum() / n)
+                if batch.sampler_logp is not None:
+                    gap = (logp.detach() - batch.sampler_logp[rows].to(device)).abs()
+                    metrics["sampler_logp_gap"] = float((gap * mb_mask).sum() / n)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * share / (mu if k not in ("entropy", "sampler_logp_gap") else 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        optimizer.step()
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) / mu
+    policy.eval()
+    seconds = time.perf_counter() - t0
+    totals["update_seconds"] = seconds
+    totals["update_tokens_per_s"] = float(mask.sum()) * mu / max(seconds, 1e-9)
+    return totals

@@ -1,0 +1,54 @@
+"""Group-relative advantages for one step's scored rollouts, and the update batch read back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from models.advantages import outcome_advantages, process_advantages
+from models.trainer import UpdateBatch
+from stages.rollout_store import add_columns, padded, read_rollouts
+
+
+def _check_layout(table: pa.Table, group_size: int) -> None:
+    groups = table.column("group_index").to_pylist()
+    samples = table.column("sample_index").to_pylist()
+    expected = [(g, s) for g in sorted(set(groups)) for s in range(group_size)]
+    if list(zip(groups, samples)) != expected:
+        raise ValueError(f"rollouts are not laid out group after group with {group_size} samples each")
+
+
+def compute_advantages(rollout_path: str | Path, *, supervision: str, group_size: int, eps: float = 1e-4,
+                       scale: str = "group") -> Path:
+    """Adds `advantages` (one float per completion token) to the step's file.
+
+    outcome: the normalised reward of the output, on every token; process: the suffix sum of
+    normalised step rewards (models/advantages.py). Returns the path.
+    """
+    table = read_rollouts(rollout_path)
+    _check_layout(table, group_size)
+    lengths = table.column("completion_length").to_pylist()
+    if supervision == "outcome":
+        adv = outcome_advantages(torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32),
+                                 group_size, eps=eps, scale=scale)
+        rows = [[float(a)] * n for a, n in zip(adv.tolist(), lengths)]
+    elif supervision == "process":
+        width = max(lengths, default=0)
+        adv = process_advantages(table.column("step_rewards").to_pylist(), table.column("step_ends").to_pylist(),
+                                 group_size, width, eps=eps)
+        rows = [adv[i, :n].tolist() for i, n in enumerate(lengths)]
+    else:
+        raise ValueError(f"reward.supervision: unknown {supervision!r} (outcome | process)")
+    return add_columns(rollout_path, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
+
+
+def read_update_batch(rollout_path: str | Path) -> UpdateBatch:
+    """The tensors the update needs, from the stored token ids (no re-tokenising)."""
+    table = read_rollouts(rollout_path)
+    return UpdateBatch(
+        prompt_ids=table.column("prompt_ids").to_pylist(),
+        completion_ids=table.column("completion_ids").to_pylist(),
+        advantages=padded(table, "advantages"),
+        sampler_logp=padded(table, "old_logprobs"),
+    )

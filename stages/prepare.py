@@ -1,0 +1,100 @@
+"""Before RL: the data splits, the initial (SFT) policy, and greedy evaluation.
+
+Each function takes the config and returns references (paths, numbers); outputs that do not
+depend on the run (splits, the SFT warm start) are keyed by the config sections they depend on
+and reused by every run that shares them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from configs import PipelineConfig
+from models.generation import generate
+from models.loading import load_policy
+from models.sft import train_sft
+from models.tiny import save_tiny
+from problems.arithmetic import VOCAB_WORDS
+from problems.datasets import format_prompt, prepare_splits, read_problems
+from problems.verify import extract_answer, is_correct
+
+log = logging.getLogger(__name__)
+TINY = "tiny"
+
+
+def prepare_data(cfg: PipelineConfig) -> tuple[Path, Path]:
+    """(train, test) Parquet paths under <artifacts>/data/."""
+    return prepare_splits(cfg.data, cfg.artifacts() / "data")
+
+
+def encode_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, solution ids + EOS) per problem: the SFT targets."""
+    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
+    targets = tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]
+    return [(p, t + [tokenizer.eos_token_id]) for p, t in zip(prompts, targets)]
+
+
+def _sft_dir(cfg: PipelineConfig) -> Path:
+    return cfg.artifacts() / "sft" / cfg.section_hash("model", "data", "sft")
+
+
+def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
+    """The policy RL starts from.
+
+    `model.policy == "tiny"`: build the offline tiny model and SFT warm-start it on the train split
+    (cached under artifacts/sft/<hash of model, data and sft config>/, so a demo re-run skips it).
+    Otherwise the hub id or path is returned as is, SFT'd first only when `sft.steps > 0` and the
+    task is the built-in one (a real model is expected to arrive already instruction-tuned).
+    """
+    if cfg.model.policy != TINY and (cfg.sft.steps == 0 or cfg.data.prompt_set != "arithmetic"):
+        return cfg.model.policy
+    out = _sft_dir(cfg)
+    if (out / "sft.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.model.policy == TINY:
+        save_tiny(tmp, VOCAB_WORDS, seed=cfg.model.seed, **cfg.model.tiny.model_dump(
+            include={"hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"}))
+        source = str(tmp)
+    else:
+        source = cfg.model.policy
+    model, tok = load_policy(source, dtype=cfg.model.dtype, device=cfg.model.device,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    train_path, _ = prepare_data(cfg)
+    examples = encode_examples(tok, read_problems(train_path))
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.model.seed)
+    losses = train_sft(model, examples, pad_id=tok.pad_token_id, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                       lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, seed=cfg.model.seed, on_step=progress)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "sft.json").write_text(json.dumps({
+        "source": cfg.model.policy, "steps": cfg.sft.steps, "final_loss": losses[-1] if losses else None,
+        "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # complete or absent: a crash mid-SFT never leaves a model that looks finished
+    return out
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> dict:
+    """Held-out greedy accuracy (plus answer rate and mean length) of `model` on `problems`."""
+    was_training = model.training
+    model.eval()
+    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
+    outs = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+    correct = [is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
+    model.train(was_training)
+    return {
+        "accuracy": sum(correct) / len(problems),
+        "answered": sum(extract_answer(t) is not None for t in texts) / len(problems),
+        "mean_length": sum(len(o.token_ids) for o in outs) / len(problems),
+        "n": len(problems),
+    }

@@ -1,0 +1,76 @@
+"""MLflow tracking: one MLflow run per pipeline run, found again by its run_id on resume."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from configs import PipelineConfig, dump_config  # noqa: E402
+
+RUN_TAG = "pipeline_run_id"
+
+
+def client_for(cfg: PipelineConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.mlflow_uri())
+
+
+def _experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = (cfg.artifacts() / "mlartifacts").as_uri()
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -> str:
+    """The MLflow run of pipeline run `run_id`: the existing one on resume, else a new one with the
+    flattened config as params and the resolved config as an artifact."""
+    client = client_for(cfg)
+    exp_id = _experiment_id(client, cfg)
+    found = client.search_runs([exp_id], filter_string=f"tags.{RUN_TAG} = '{run_id}'", max_results=1)
+    if found:
+        mlflow_run_id = found[0].info.run_id
+        client.update_run(mlflow_run_id, status="RUNNING")
+    else:
+        run = client.create_run(exp_id, run_name=run_id, tags={RUN_TAG: run_id})
+        mlflow_run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(mlflow_run_id, params=params[i:i + 100])
+        client.log_text(mlflow_run_id, dump_config(cfg), "config.yaml")
+    if flow_run_id:
+        client.log_batch(mlflow_run_id, tags=[RunTag("prefect_flow_run_id", str(flow_run_id))])
+    return mlflow_run_id
+
+
+def log_metrics(cfg: PipelineConfig, mlflow_run_id: str, metrics: dict[str, float], step: int,
+                prefix: str = "") -> None:
+    """One batch per call (per-metric calls cost ~25 ms each on SQLite); non-finite values dropped."""
+    ts = int(time.time() * 1000)
+    batch = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(v)]
+    for i in range(0, len(batch), 500):
+        client_for(cfg).log_batch(mlflow_run_id, metrics=batch[i:i + 500])
+
+
+def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client = client_for(cfg)
+    if Path(path).is_dir():
+        client.log_artifacts(mlflow_run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(mlflow_run_id, str(path), artifact_path)
+
+
+def finish_run(cfg: PipelineConfig, mlflow_run_id: str, status: str = "FINISHED") -> None:
+    client_for(cfg).set_terminated(mlflow_run_id, status=status)
+
+
+def run_url(cfg: PipelineConfig, mlflow_run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    exp_id = client_for(cfg).get_run(mlflow_run_id).info.experiment_id
+    return f"{ui}/#/experiments/{exp_id}/runs/{mlflow_run_id}"

@@ -1,0 +1,64 @@
+"""The heavy objects of a run, kept in the flow's process and keyed by checkpoint path.
+
+Tasks pass checkpoint paths, never models: a task asks the workspace for "the policy at
+checkpoint X" and gets the live model if that is what is in memory (the common case, step after
+step), or a fresh load from disk (a resumed run, or a new process). Nothing here goes through
+Prefect results.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from configs import PipelineConfig
+from models.loading import load_policy
+from stages.checkpoints import load_optimizer
+
+
+class Workspace:
+    def __init__(self) -> None:
+        self.policy = self.tokenizer = self.optimizer = None
+        self.policy_ckpt: str | None = None
+        self.reference = None
+        self.reference_ckpt: str | None = None
+        self.samplers: dict[str, object] = {}
+        self.reward_models: dict[str, tuple[str, object]] = {}
+
+    def _load(self, ckpt: str, cfg: PipelineConfig):
+        return load_policy(str(ckpt), dtype=cfg.model.dtype, device=cfg.model.device,
+                           trust_remote_code=cfg.model.trust_remote_code)
+
+    def policy_at(self, ckpt: str | Path, cfg: PipelineConfig):
+        """(model, tokenizer, optimizer) at `ckpt`; the optimizer state comes back when saved there."""
+        ckpt = str(ckpt)
+        if self.policy_ckpt != ckpt:
+            self.policy, self.tokenizer = self._load(ckpt, cfg)
+            self.policy.eval()
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.grpo.lr,
+                                               weight_decay=cfg.grpo.weight_decay)
+            if (Path(ckpt) / "optimizer.safetensors").exists():
+                load_optimizer(self.optimizer, Path(ckpt))
+            self.policy_ckpt = ckpt
+            self.samplers.clear()  # a sampler built on the old model object must not be reused
+        return self.policy, self.tokenizer, self.optimizer
+
+    def policy_moved_to(self, ckpt: str | Path) -> None:
+        """The live policy was updated and saved at `ckpt`: it now answers for that path."""
+        self.policy_ckpt = str(ckpt)
+
+    def reference_at(self, ckpt: str | Path, cfg: PipelineConfig):
+        """The frozen reference model at `ckpt` (a copy of the live policy when that is what it is)."""
+        ckpt = str(ckpt)
+        if self.reference_ckpt != ckpt:
+            if self.policy_ckpt == ckpt:
+                self.reference = copy.deepcopy(self.policy)
+            else:
+                self.reference, _ = self._load(ckpt, cfg)
+            self.reference.eval().requires_grad_(False)
+            self.reference_ckpt = ckpt
+        return self.reference
+
+
+WORKSPACE = Workspace()
