@@ -1,0 +1,39 @@
+"""Prefect tasks before RL: data splits, the SFT warm start, greedy evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from configs import PipelineConfig
+from problems.datasets import read_problems
+from stages import prepare
+from tasks.workspace import WORKSPACE
+
+
+@task(cache_policy=NO_CACHE, retries=1)
+def prepare_data(cfg: PipelineConfig) -> tuple[str, str]:
+    train, test = prepare.prepare_data(cfg)
+    return str(train), str(test)
+
+
+@task(cache_policy=NO_CACHE)
+def build_initial_policy(cfg: PipelineConfig) -> str:
+    """The SFT warm start (reused when one exists for this config)."""
+    logger = get_run_logger()
+    every = max(1, cfg.sft.steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if (step + 1) % every == 0:
+            logger.info("SFT step %d/%d loss %.4f", step + 1, cfg.sft.steps, loss)
+
+    return str(prepare.initial_policy(cfg, progress=progress))
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str) -> dict:
+    """Greedy accuracy of the policy at `policy_ckpt` on the held-out split."""
+    model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
+    problems = read_problems(Path(test_path))[: cfg.data.test_size]
+    return prepare.greedy_accuracy(model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens)

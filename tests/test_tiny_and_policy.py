@@ -1,0 +1,86 @@
+"""The offline tiny model and tokenizer, and per-token log-probs against a naive computation."""
+import pytest
+import torch
+
+from models.loading import load_policy
+from models.policy import completion_logprobs, pack, right_to_left
+from models.tiny import build_tiny_model, build_tokenizer
+from problems.arithmetic import VOCAB_WORDS, generate_problems
+from problems.datasets import format_prompt
+
+
+def test_tokenizer_round_trips_exactly_and_keeps_digits_apart(tiny):
+    _, tok = tiny
+    for p in generate_problems(20, seed=0):
+        text = format_prompt(p["question"]) + p["solution"]
+        assert tok.decode(tok(text)["input_ids"]) == text
+    odd = "Hello, World! x=1,024 -> {ok}\n\tno?"
+    assert tok.decode(tok(odd)["input_ids"]) == odd.replace("\t", "<unk>")  # tab is outside the vocabulary
+    pieces = tok.convert_ids_to_tokens(tok("Mia has 12 apples.\n12*3=36")["input_ids"])
+    assert pieces == ["Mia", " has", " 1", "2", " apples", ".", "\n", "1", "2", "*", "3", "=", "3", "6"]
+
+
+def test_tokenizer_is_about_half_as_long_as_characters(tiny):
+    _, tok = tiny
+    texts = [format_prompt(p["question"]) + p["solution"] for p in generate_problems(50, seed=1)]
+    ratio = sum(len(tok(t)["input_ids"]) for t in texts) / sum(len(t) for t in texts)
+    assert ratio < 0.5
+
+
+def test_tiny_model_is_deterministic_and_about_a_million_parameters():
+    tok = build_tokenizer(VOCAB_WORDS)
+    a, b = build_tiny_model(tok, seed=3), build_tiny_model(tok, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert 0.8e6 < sum(p.numel() for p in a.parameters()) < 1.5e6
+
+
+def test_saved_tiny_model_loads_through_the_generic_auto_path(tiny_dir):
+    model, tok = load_policy(str(tiny_dir))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert tok.padding_side == "left" and tok.pad_token == "<pad>" and tok.eos_token == "<eos>"
+    assert (tiny_dir / "model.safetensors").exists()
+
+
+def test_pack_left_pads_and_positions_start_at_zero():
+    pb = pack([[5, 6], [7]], [[8], [9, 10, 11]], pad_id=0)
+    assert pb.input_ids.tolist() == [[0, 5, 6, 8], [7, 9, 10, 11]]
+    assert pb.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert pb.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]
+    assert pb.completion_lens.tolist() == [1, 3]
+
+
+def test_right_to_left_alignment():
+    x = torch.tensor([[0.0, 0.0, 1.0], [2.0, 3.0, 4.0]])
+    assert right_to_left(x, torch.tensor([1, 3])).tolist() == [[1.0, 0.0, 0.0], [2.0, 3.0, 4.0]]
+
+
+def _naive(model, prompt, completion):
+    logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    lsm = torch.log_softmax(logits, -1)
+    idx = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return lsm[idx, torch.tensor(completion)]
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_completion_logprobs_match_naive(tiny, micro_batch_size):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    comps = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (4, 1, 6, 0)]
+    logp, mask, ent = completion_logprobs(model, prompts, comps, pad_id=tok.pad_token_id,
+                                          micro_batch_size=micro_batch_size, return_entropy=True)
+    assert logp.shape == (4, 6) and mask.sum(1).tolist() == [4, 1, 6, 0]
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        if c:
+            assert torch.allclose(logp[i, : len(c)], _naive(model, p, c), atol=1e-5)
+        assert (logp[i, len(c):] == 0).all()
+    assert (ent[mask] > 0).all() and (ent[mask] <= torch.log(torch.tensor(float(len(tok)))) + 1e-4).all()
+
+
+def test_completion_logprobs_with_grad_flows_to_parameters(tiny):
+    model, tok = tiny
+    logp, mask, _ = completion_logprobs(model, [[5, 6, 7]], [[8, 9]], pad_id=tok.pad_token_id, with_grad=True)
+    (logp * mask).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
