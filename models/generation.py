@@ -3,61 +3,213 @@
 Rows are prompt-major: for prompts [p0, p1] and n=2 the output is [p0s0, p0s1, p1s0, p1s1].
 Completions are token-id lists that include the EOS token when the model emitted one (its
 log-prob is part of what the policy learns) and never include padding.
+
+The sampler's log-prob of each chosen token (`Completion.logprobs`, with `return_logprobs=True`) is
+`log_softmax` of the model's RAW next-token logits, i.e. log pi_old(token | prefix) at temperature 1,
+before temperature / top-p reshape the sampling distribution. That is the quantity GRPO's ratio
+uses and what `models.policy.completion_logprobs` computes teacher-forced, so the two agree up to
+float noise (KV-cache vs full-sequence numerics). It is recorded step by step by a logits processor
+that runs before generate's warpers, so only one [rows, vocab] slice is alive at a time (generate's
+own `output_logits=True` would keep all of them: 39 GB for 64 rows x 1024 steps x a 151k vocab).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
+    StoppingCriteriaList
 
 from models.policy import pack
+
+FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
-    finished: bool  # ended with EOS rather than by running out of max_new_tokens
+    finished: bool  # ended with EOS (or a stop condition) rather than by running out of max_new_tokens
+    logprobs: list[float] | None = None  # sampler's log-prob of each token in token_ids (raw logits, T=1)
+    finish_reason: str = field(default="")  # "eos" | "stop" (answer line ended) | "length"
+
+    def __post_init__(self):
+        if not self.finish_reason:
+            self.finish_reason = FINISH_EOS if self.finished else FINISH_LENGTH
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == FINISH_LENGTH
 
 
-def _trim(row: list[int], eos_ids: set[int], pad_id: int) -> Completion:
-    for j, tok in enumerate(row):
+class _RawLogprobRecorder(LogitsProcessor):
+    """Records log_softmax(raw logits)[chosen token] per generated position.
+
+    Called once per decoding step with the logits of the next token; the token chosen at the
+    previous step is then the last column of `input_ids`, so its log-prob is gathered one call
+    late, and the last step's after generate returns (`finish`)."""
+
+    def __init__(self):
+        self.prev: torch.Tensor | None = None  # [rows, vocab] log-softmax of the previous step
+        self.steps: list[torch.Tensor] = []     # [rows] per generated position
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, new_tokens] log-probs (0 where nothing was generated)."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self.prev = None
+        if not self.steps:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+class AnswerLineStop(StoppingCriteria):
+    """Stops a row once the line holding `marker` (e.g. GSM8K's '####') has ended with a newline.
+
+    Checked only on rows whose newest token contains a newline, by decoding that row's completion,
+    so the cost is a handful of decodes per step. `stop_len[row]` is the completion length at which
+    the row stopped (the newline included); the caller trims there, because generate pads a stopped
+    row with the pad token, which may equal EOS."""
+
+    def __init__(self, tokenizer, marker: str, prompt_width: int, rows: int):
+        self.tokenizer, self.marker, self.start = tokenizer, marker, prompt_width
+        self.newline_ids = newline_token_ids(tokenizer)
+        self.stop_len: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].tolist()
+        for row, tok in enumerate(last):
+            if row in self.stop_len:
+                done[row] = True
+            elif tok in self.newline_ids:
+                text = self.tokenizer.decode(input_ids[row, self.start:].tolist())
+                if answer_line_ended(text, self.marker):
+                    self.stop_len[row] = input_ids.shape[1] - self.start
+                    done[row] = True
+        return done
+
+
+_NEWLINE_CACHE: dict[int, frozenset[int]] = {}
+
+
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Ids whose decoded text contains a newline (computed once per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_CACHE:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_CACHE[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+    return _NEWLINE_CACHE[key]
+
+
+def answer_line_ended(text: str, marker: str) -> bool:
+    idx = text.find(marker)
+    return idx >= 0 and "\n" in text[idx:]
+
+
+def cut_after_answer_line(c: Completion, tokenizer, marker: str) -> Completion:
+    """The same stop rule applied after the fact (for samplers that cannot stop on it themselves):
+    the completion ends at the newline closing the `marker` line; the rest is dropped."""
+    newline_ids = newline_token_ids(tokenizer)
+    for j, tok in enumerate(c.token_ids):
+        if tok in newline_ids and answer_line_ended(tokenizer.decode(c.token_ids[: j + 1]), marker):
+            if j + 1 == len(c.token_ids) and c.finish_reason == FINISH_EOS:
+                return c
+            return Completion(c.token_ids[: j + 1], True,
+                              None if c.logprobs is None else c.logprobs[: j + 1], FINISH_STOP)
+    return c
+
+
+def _trim(row: list[int], eos_ids: set[int], stop_len: int | None = None,
+          logprobs: list[float] | None = None) -> Completion:
+    limit = len(row) if stop_len is None else stop_len
+    for j, tok in enumerate(row[:limit]):
         if tok in eos_ids:
-            return Completion(row[: j + 1], True)
-    while row and row[-1] == pad_id:
-        row = row[:-1]
-    return Completion(row, False)
+            return Completion(row[: j + 1], True, None if logprobs is None else logprobs[: j + 1], FINISH_EOS)
+    if stop_len is not None:
+        return Completion(row[:stop_len], True, None if logprobs is None else logprobs[:stop_len], FINISH_STOP)
+    # Neither EOS nor a stop: the row ran all of generate's steps (generate only pads finished rows),
+    # so every token is sampled, even a pad token the model happened to choose.
+    return Completion(row, False, logprobs, FINISH_LENGTH)
+
+
+def _generation_config(*, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, n: int,
+                       pad_id: int, eos_ids: list[int]) -> GenerationConfig:
+    """Everything explicit and neutral, so a model's shipped generation_config (Qwen's top_k=20,
+    repetition_penalty=1.05, ...) cannot silently change what is sampled."""
+    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
+                  repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+    if greedy:
+        return GenerationConfig(do_sample=False, num_return_sequences=1, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n,
+                            **common)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 64,
-             greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-             seed: int | None = None) -> list[Completion]:
-    """n completions per prompt, `batch_size` rows (prompt x sample) per `generate` call.
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 64,
+                       greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+                       seed: int | None = None, return_logprobs: bool = False,
+                       stop_marker: str | None = None) -> list[Completion]:
+    """n completions per prompt (prompt-major), `batch_size` rows (prompt x sample) per `generate` call.
 
-    Prompts are sorted by length before batching (less padding, same results: each row's
-    sampling depends only on its own prompt and the RNG stream) and returned in input order.
+    Prompts are bucketed by length (sorted, then cut into calls) so a call pads little, and
+    returned in input order. `seed` fixes the result for the same inputs and batch size (each call
+    re-seeds from (seed, call index) inside a forked RNG, so the caller's RNG state is untouched).
+    `temperature == 0` or `greedy` decodes greedily (n identical rows per prompt). `stop_marker`:
+    also stop a row when the line holding it has ended (see `AnswerLineStop`).
     """
-    if greedy and n != 1:
-        raise ValueError("greedy decoding gives one completion per prompt; use n=1")
+    greedy = greedy or temperature == 0
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    pad_id = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     per_call = max(1, batch_size // n)
+    reps = n if greedy else 1  # greedy: repeat the prompt rows, generate would refuse n>1
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: dict[int, list[Completion]] = {}
-    generator_seed = seed
-    for start in range(0, len(order), per_call):
+    gen_cfg = _generation_config(greedy=greedy, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 n=n, pad_id=pad_id, eos_ids=sorted(eos_ids))
+    fork_devices = [device] if device.type == "cuda" else []
+    for call, start in enumerate(range(0, len(order), per_call)):
         idx = order[start:start + per_call]
-        pb = pack([prompt_ids[i] for i in idx], [[] for _ in idx], pad_id, device)
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed + start)
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                                            top_k=0, num_return_sequences=n)
-        out = model.generate(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(eos_ids),
-                             use_cache=True, **kwargs)
-        new = out[:, pb.input_ids.shape[1]:].tolist()
+        rows_in = [prompt_ids[i] for i in idx for _ in range(reps)]
+        pb = pack(rows_in, [[] for _ in rows_in], pad_id, device)
+        processors = LogitsProcessorList()
+        recorder = _RawLogprobRecorder() if return_logprobs else None
+        if recorder is not None:
+            processors.append(recorder)
+        stopping = StoppingCriteriaList()
+        stop = None
+        if stop_marker:
+            stop = AnswerLineStop(tokenizer, stop_marker, pb.input_ids.shape[1], len(idx) * n)
+            stopping.append(stop)
+        with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed * 1_000_003 + call)
+            out = model.generate(input_ids=pb.input_ids, attention_mask=pb.attention_mask, generation_config=gen_cfg,
+                                 logits_processor=processors, stopping_criteria=stopping)
+        new_t = out[:, pb.input_ids.shape[1]:]
+        new = new_t.tolist()
+        lps = recorder.finish(out).tolist() if recorder is not None else None
         for k, i in enumerate(idx):
-            results[i] = [_trim(new[k * n + s], eos_ids, pad_id) for s in range(n)]
+            results[i] = [
+                _trim(new[r], eos_ids, None if stop is None else stop.stop_len.get(r),
+                      None if lps is None else lps[r])
+                for r in range(k * n, k * n + n)
+            ]
     return [c for i in range(len(prompt_ids)) for c in results[i]]
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 64,
+             greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+             seed: int | None = None) -> list[Completion]:
+    """n completions per prompt (see `sample_completions`); kept for greedy evaluation."""
+    if greedy and n != 1:
+        raise ValueError("greedy decoding gives one completion per prompt; use n=1")
+    return sample_completions(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, greedy=greedy,
+                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)

@@ -63,3 +63,11 @@ def prepare_splits(data_cfg, data_dir: Path) -> tuple[Path, Path]:
     write_problems(test, test_path)
     write_problems(train, train_path)
     return train_path, test_path
+
+
+def draw_questions(problems: list[dict], n: int, key: str) -> list[dict]:
+    """A seeded draw of `n` problems: the same key gives the same questions (so a resumed step asks
+    the same ones), different keys (steps) give independent draws."""
+    import random
+
+    return random.Random(key).sample(problems, min(n, len(problems)))

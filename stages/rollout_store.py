@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,7 +34,7 @@ ROLLOUT_SCHEMA = pa.schema([
     ("old_logprobs", pa.list_(pa.float32())),  # per completion token, under the sampler
     ("completion_length", pa.int32()),
     ("truncated", pa.bool_()),          # hit max_new_tokens without EOS
-    ("finish_reason", pa.string()),     # "eos" | "length"
+    ("finish_reason", pa.string()),     # "eos" | "stop" (answer line ended) | "length"
     ("answer", pa.string()),            # ground truth
     ("solution", pa.string()),          # reference worked solution (step labels)
     ("extracted_answer", pa.string()),  # null when the completion has no answer line
@@ -89,9 +90,32 @@ def add_columns(path: str | Path, columns: dict[str, pa.Array]) -> Path:
 
 
 def open_run(artifacts: str | Path, run_id: str) -> ds.Dataset:
-    """All of a run's rollouts as one dataset with `iteration` and `step` partition columns."""
+    """All of a run's rollouts as one dataset with `iteration` and `step` partition columns.
+
+    `iteration=<k>` is a directory but `step=<s>` is a file name, which pyarrow's hive
+    partitioning does not parse; so the dataset is built from the step files with one partition
+    expression each, and both keys filter (and prune files) like hive keys:
+    `open_run(a, r).to_table(filter=(ds.field("iteration") == 1) & (ds.field("step") == 2))`.
+    Dot-prefixed temporaries of unfinished writes are never matched. Files that later stages
+    extended have extra columns; the dataset's schema is the union (missing values are null).
+    """
+    import re
+
+    import pyarrow.fs as pafs
+
     root = Path(artifacts) / "runs" / run_id / "rollouts"
-    return ds.dataset(root, format="parquet", partitioning="hive", exclude_invalid_files=True)
+    pattern = re.compile(r"iteration=(\d+)/step=(\d+)\.parquet$")
+    files, parts = [], []
+    for f in sorted(root.glob("iteration=*/step=*.parquet")):
+        m = pattern.search(f.as_posix())
+        if m:
+            files.append(str(f))
+            parts.append((ds.field("iteration") == pa.scalar(int(m.group(1)), pa.int32()))
+                         & (ds.field("step") == pa.scalar(int(m.group(2)), pa.int32())))
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files] or [ROLLOUT_SCHEMA])
+    schema = schema.append(pa.field("iteration", pa.int32())).append(pa.field("step", pa.int32()))
+    return ds.FileSystemDataset.from_paths(files, schema=schema, format=ds.ParquetFileFormat(),
+                                           filesystem=pafs.LocalFileSystem(), partitions=parts)
 
 
 def padded(table: pa.Table, column: str, dtype=torch.float32, width: int | None = None) -> torch.Tensor:
@@ -110,3 +134,42 @@ def completion_mask(table: pa.Table, width: int | None = None) -> torch.Tensor:
     lens = torch.tensor(table.column("completion_length").to_pylist(), dtype=torch.long)
     T = width if width is not None else int(lens.max()) if len(lens) else 0
     return torch.arange(T).expand(len(lens), T) < lens.unsqueeze(1)
+
+
+@dataclass
+class RolloutBatch:
+    """What an update needs from a step's file, without re-tokenising: ragged ids for the forward
+    pass (`models.policy.completion_logprobs` packs them itself) and `[B, T]` left-aligned tensors."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    old_logprobs: torch.Tensor  # [B, T] float32, the sampler's log-probs, 0 past each completion
+    mask: torch.Tensor          # [B, T] bool, True on completion tokens
+    completion_lens: torch.Tensor  # [B] long
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+def rollout_tensors(table: pa.Table, width: int | None = None) -> RolloutBatch:
+    """A rollout table (or a filtered/sliced one) as a `RolloutBatch`; T = `width` or the longest."""
+    lens = torch.tensor(table.column("completion_length").to_pylist(), dtype=torch.long)
+    T = width if width is not None else int(lens.max()) if len(lens) else 0
+    return RolloutBatch(
+        prompt_ids=table.column("prompt_ids").to_pylist(),
+        completion_ids=table.column("completion_ids").to_pylist(),
+        old_logprobs=padded(table, "old_logprobs", width=T),
+        mask=completion_mask(table, width=T),
+        completion_lens=lens,
+    )
+
+
+def read_iteration(artifacts: str | Path, run_id: str, iteration: int) -> pa.Table:
+    """One iteration's rollouts with `iteration` and `step` columns (taken from the file layout)."""
+    folder = Path(artifacts) / "runs" / run_id / "rollouts" / f"iteration={iteration}"
+    tables = []
+    for path in sorted(folder.glob("step=*.parquet"), key=lambda p: int(p.stem.split("=")[1])):
+        t = read_rollouts(path)
+        tables.append(t.append_column("iteration", pa.array([iteration] * t.num_rows, pa.int32()))
+                       .append_column("step", pa.array([int(path.stem.split("=")[1])] * t.num_rows, pa.int32())))
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

@@ -14,6 +14,8 @@ import torch
 
 from configs import PipelineConfig
 from models.loading import load_policy
+from models.reward_model import ValueHeadRewardModel
+from models.samplers import make_sampler
 from stages.checkpoints import load_optimizer
 
 
@@ -23,7 +25,9 @@ class Workspace:
         self.policy_ckpt: str | None = None
         self.reference = None
         self.reference_ckpt: str | None = None
-        self.samplers: dict[str, object] = {}
+        self.sampler = None
+        self.sampler_backend: str | None = None
+        self.sampler_ckpt: str | None = None
         self.reward_models: dict[str, tuple[str, object]] = {}
 
     def _load(self, ckpt: str, cfg: PipelineConfig):
@@ -41,12 +45,35 @@ class Workspace:
             if (Path(ckpt) / "optimizer.safetensors").exists():
                 load_optimizer(self.optimizer, Path(ckpt))
             self.policy_ckpt = ckpt
-            self.samplers.clear()  # a sampler built on the old model object must not be reused
+            if self.sampler is not None and self.sampler_backend == "hf":
+                self.sampler = None  # it wraps the old model object
         return self.policy, self.tokenizer, self.optimizer
 
     def policy_moved_to(self, ckpt: str | Path) -> None:
         """The live policy was updated and saved at `ckpt`: it now answers for that path."""
         self.policy_ckpt = str(ckpt)
+
+    def sampler_for(self, cfg: PipelineConfig, model, tokenizer):
+        """The sampler serving the live policy: the trainer's own model for `hf`; for `vllm` an
+        engine that is sent the new weights whenever the policy moved since it last sampled."""
+        if self.sampler is None:
+            self.sampler = make_sampler(cfg.sampling, self.policy_ckpt, model=model, tokenizer=tokenizer,
+                                        device=cfg.model.device, dtype=cfg.model.dtype,
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+            self.sampler_backend = cfg.sampling.backend
+        elif self.sampler_ckpt != self.policy_ckpt and self.sampler_backend != "hf":
+            self.sampler.update_weights(model)
+        self.sampler_ckpt = self.policy_ckpt
+        return self.sampler
+
+    def reward_model_at(self, name: str, path: str, cfg: PipelineConfig):
+        """A learned reward model (ValueHeadRewardModel) at `path`, loaded once."""
+        cached = self.reward_models.get(name)
+        if cached is None or cached[0] != str(path):
+            rm = ValueHeadRewardModel.from_pretrained(path, device=cfg.model.device)
+            rm.eval()
+            self.reward_models[name] = (str(path), rm)
+        return self.reward_models[name][1]
 
     def reference_at(self, ckpt: str | Path, cfg: PipelineConfig):
         """The frozen reference model at `ckpt` (a copy of the live policy when that is what it is)."""

@@ -1,0 +1,215 @@
+"""Scoring a step's rollouts: reward columns added to its Parquet file, atomically.
+
+`score_rollouts(path, reward_cfg, tokenizer=..., ...)` adds `SCORE_FIELDS`:
+- `step_ends`: completion-token indices where each step ends (newline tokens; the last token),
+- `step_labels`: the verifier's per-step correctness, one per step end,
+- `reward`: the weighted sum of the sources' outcome views (see `models.rewards`),
+- `step_rewards`: the weighted sum of the sources' process views, one per step end,
+plus `reward_<source>` (each source's outcome view) and `reward_errors` (the sources that failed
+on the row and were scored 0 under `on_error: zero`; empty otherwise).
+
+A source that raises or gives a non-finite score for a row fails the call with a message naming the
+row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "zero"`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from models.advantages import delimiter_token_ids, step_ends_from_tokens
+from models.reward_model import ValueHeadRewardModel
+from models.rewards import (combine_outcome, combine_process, is_bad, outcome_from_steps, source_weights,
+                            steps_from_outcome)
+from problems.verify import is_correct, split_steps, step_correctness
+from stages.rollout_store import add_columns, read_rollouts
+
+RM_SOURCES = {"outcome_rm": "outcome", "process_rm": "process"}
+
+
+class RewardError(RuntimeError):
+    """A reward source failed on a row (the message names the row and the source)."""
+
+
+_DELIMITERS: dict[tuple, frozenset[int]] = {}
+
+
+def step_delimiters(tokenizer) -> frozenset[int]:
+    """`delimiter_token_ids(tokenizer)` (newline tokens), computed once per vocabulary."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _DELIMITERS:
+        _DELIMITERS[key] = delimiter_token_ids(tokenizer)
+    return _DELIMITERS[key]
+
+
+def as_tokenizer(tokenizer):
+    if isinstance(tokenizer, (str, Path)):
+        from models.loading import load_tokenizer
+
+        return load_tokenizer(str(tokenizer))
+    return tokenizer
+
+
+def step_texts(tokenizer, completion_ids: Sequence[int], step_ends: Sequence[int]) -> list[str]:
+    """The decoded text of each token step (special tokens such as EOS dropped)."""
+    texts, start = [], 0
+    for e in step_ends:
+        texts.append(tokenizer.decode(list(completion_ids[start:e + 1]), skip_special_tokens=True))
+        start = e + 1
+    return texts
+
+
+def align_line_labels(texts: Sequence[str], line_labels: Sequence[bool]) -> list[bool]:
+    """Per-token-step labels from per-line labels of `"".join(texts)` (lines as `split_steps`).
+
+    A token step is correct when every line ending inside it is; a step in which no line ends (an
+    EOS-only step after a final newline) takes the label of the step before it (False if first).
+    """
+    full = "".join(texts)
+    ends, total = [], 0
+    for t in texts:
+        total += len(t)
+        ends.append(total)  # exclusive char end of each step
+    per_step: list[list[bool]] = [[] for _ in texts]
+    pos = 0
+    for k, line in enumerate(split_steps(full)):
+        last = pos + len(line)  # index of the line's "\n", or len(full) for an unterminated last line
+        last_char = last if last < len(full) else len(full) - 1
+        j = next((j for j, e in enumerate(ends) if e > last_char), len(texts) - 1)
+        if k < len(line_labels):
+            per_step[j].append(bool(line_labels[k]))
+        pos = last + 1
+    labels: list[bool] = []
+    for lab in per_step:
+        labels.append(all(lab) if lab else (labels[-1] if labels else False))
+    return labels
+
+
+def verifier_step_labels(tokenizer, completion_ids: Sequence[int], step_ends: Sequence[int], solution: str,
+                         answer: str) -> list[bool]:
+    """`problems.verify.step_correctness`, one label per token step."""
+    texts = step_texts(tokenizer, completion_ids, step_ends)
+    return align_line_labels(texts, step_correctness("".join(texts), solution, answer))
+
+
+def _item(rows: list[dict], i: int) -> str:
+    r = rows[i]
+    return f"question_id={r.get('question_id')!r} sample_index={r.get('sample_index')}"
+
+
+def _rm_scores(rm: ValueHeadRewardModel, prompts, completions, positions, batch_size: int, mode: str):
+    """Per-row step scores and {row: error message}; a failing batch is retried row by row so the
+    failure is pinned to a row."""
+    scores: list[list[float] | None] = [None] * len(completions)
+    errors: dict[int, str] = {}
+    for s in range(0, len(completions), batch_size):
+        idx = list(range(s, min(s + batch_size, len(completions))))
+        try:
+            out = rm.score([prompts[i] for i in idx], [completions[i] for i in idx], [positions[i] for i in idx],
+                           batch_size=batch_size, score_mode=mode)
+            for i, v in zip(idx, out):
+                scores[i] = v
+        except Exception:  # noqa: BLE001 -- attribute to a row below
+            for i in idx:
+                try:
+                    scores[i] = rm.score([prompts[i]], [completions[i]], [positions[i]], score_mode=mode)[0]
+                except Exception as err:  # noqa: BLE001
+                    errors[i] = f"{type(err).__name__}: {err}"
+    for i, v in enumerate(scores):
+        if i not in errors and (v is None or any(is_bad(x) for x in v)):
+            errors[i] = f"non-finite score {v}"
+    return scores, errors
+
+
+def score_rollouts(rollout_path: str | Path, reward_cfg, *, tokenizer, rm_paths: Mapping[str, str | Path] | None = None,
+                   reward_models: Mapping[str, ValueHeadRewardModel] | None = None, device: str = "cpu",
+                   batch_size: int = 64) -> Path:
+    """Add the reward columns to a rollout file (in place, atomically); returns its path.
+
+    reward_cfg: a `RewardConfig` (sources, on_error, rm_score). tokenizer: the policy's tokenizer
+    (object or path). Reward models come from `reward_models` (already loaded, keyed by source
+    name) or are loaded from `rm_paths`; the score mode is `reward_cfg.rm_score`.
+    """
+    path = Path(rollout_path)
+    tokenizer = as_tokenizer(tokenizer)
+    table = read_rollouts(path)
+    rows = table.select([c for c in ("question_id", "sample_index", "prompt_ids", "completion_ids", "completion",
+                                     "answer", "solution") if c in table.column_names]).to_pylist()
+    weights = source_weights(reward_cfg.sources)
+    delims = step_delimiters(tokenizer)
+    prompts = [r["prompt_ids"] for r in rows]
+    completions = [r["completion_ids"] for r in rows]
+    step_ends = [step_ends_from_tokens(c, delims) for c in completions]
+    step_labels = [verifier_step_labels(tokenizer, c, e, r.get("solution") or "", r["answer"])
+                   for r, c, e in zip(rows, completions, step_ends)]
+
+    outcome: dict[str, list[float]] = {}
+    process: dict[str, list[list[float]]] = {}
+    failed: list[list[str]] = [[] for _ in rows]
+    for name in weights:
+        errors: dict[int, str] = {}
+        if name == "verifier":
+            out_v, proc_v = [], []
+            for i, r in enumerate(rows):
+                try:
+                    text = r.get("completion")
+                    if text is None:
+                        text = tokenizer.decode(completions[i], skip_special_tokens=True)
+                    out_v.append(float(is_correct(text, r["answer"])))
+                except Exception as err:  # noqa: BLE001
+                    errors[i] = f"{type(err).__name__}: {err}"
+                    out_v.append(0.0)
+                proc_v.append([float(x) for x in step_labels[i]])
+        elif name in RM_SOURCES:
+            kind = RM_SOURCES[name]
+            rm = (reward_models or {}).get(name)
+            if rm is None:
+                if not rm_paths or name not in rm_paths:
+                    raise RewardError(f"reward source {name!r} is configured but no {name} model or path was given")
+                rm = ValueHeadRewardModel.from_pretrained(rm_paths[name], device=device)
+            if rm.kind != kind:
+                raise RewardError(f"reward source {name!r} needs a {kind} reward model, got a {rm.kind} one")
+            positions = ([[len(c) - 1] for c in completions] if kind == "outcome" else step_ends)
+            raw, errors = _rm_scores(rm, prompts, completions, positions, batch_size, reward_cfg.rm_score)
+            out_v, proc_v = [], []
+            for i, v in enumerate(raw):
+                v = [0.0] * len(positions[i]) if i in errors or v is None else v
+                if kind == "outcome":
+                    out_v.append(float(v[0]))
+                    proc_v.append(steps_from_outcome(v[0], len(step_ends[i])))
+                else:
+                    out_v.append(outcome_from_steps(v))
+                    proc_v.append([float(x) for x in v])
+        else:
+            raise RewardError(f"unknown reward source {name!r}")
+        if errors:
+            if reward_cfg.on_error == "fail":
+                i = min(errors)
+                raise RewardError(f"reward source {name!r} failed on {_item(rows, i)} of {path}: {errors[i]}"
+                                  + (f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""))
+            for i in errors:  # on_error == "zero": scored 0, recorded in reward_errors
+                out_v[i] = 0.0
+                proc_v[i] = [0.0] * len(step_ends[i])
+                failed[i].append(name)
+        outcome[name], process[name] = out_v, proc_v
+
+    columns = {
+        "reward": pa.array(combine_outcome(outcome, weights), pa.float32()),
+        "step_ends": pa.array(step_ends, pa.list_(pa.int32())),
+        "step_rewards": pa.array(combine_process(process, weights), pa.list_(pa.float32())),
+        "step_labels": pa.array(step_labels, pa.list_(pa.bool_())),
+    }
+    for name in weights:
+        columns[f"reward_{name}"] = pa.array(outcome[name], pa.float32())
+    columns["reward_errors"] = pa.array(failed, pa.list_(pa.string()))
+    return add_columns(path, columns)
+
+
+def count_reward_errors(rollout_path: str | Path) -> dict[str, int]:
+    """{source: rows scored 0 after an error} of a scored file: the metric `on_error: zero` promises."""
+    counts: dict[str, int] = {}
+    for errs in read_rollouts(rollout_path).column("reward_errors").to_pylist():
+        for name in errs or []:
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,68 @@
+"""What a person looks at after an iteration: MLflow artifacts and Prefect artifacts."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import DatasetInput, InputTag
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from configs import PipelineConfig
+from stages.rollout_store import read_iteration
+from tasks import tracking
+
+SAMPLE_COLUMNS = ["iteration", "step", "question_id", "sample_index", "completion", "answer", "correct", "reward"]
+
+
+def _curve_png(cfg: PipelineConfig, mlflow_run_id: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = tracking.client_for(cfg)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("reward_mean", "train reward (mean)"), ("accuracy", "train accuracy"),
+                       ("eval/accuracy", "held-out greedy accuracy")]:
+        hist = sorted(client.get_metric_history(mlflow_run_id, key), key=lambda m: m.step)
+        if hist:
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker="o" if key.startswith("eval") else None,
+                    label=label)
+    ax.set_xlabel("GRPO step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+@task(cache_policy=NO_CACHE)
+def iteration_report(cfg: PipelineConfig, run_id: str, iteration: int, mlflow_run_id: str, evaluation: dict) -> None:
+    """Curve PNG, sample table and rollout lineage to MLflow; summary and samples to Prefect."""
+    df = read_iteration(cfg.artifacts(), run_id, iteration).to_pandas()
+    samples = df.sort_values(["step", "group_index", "sample_index"]).groupby("step").head(2)[SAMPLE_COLUMNS]
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.log_artifact(cfg, mlflow_run_id, _curve_png(cfg, mlflow_run_id, Path(tmp) / f"curve-iteration-{iteration}.png"),
+                              "curves")
+    client = tracking.client_for(cfg)
+    client.log_table(mlflow_run_id, data=samples.astype({"correct": bool}), artifact_file=f"samples/iteration-{iteration}.json")
+    # Lineage: the iteration's rollout folder as an MLflow dataset input of the run.
+    source = str(cfg.artifacts() / "runs" / run_id / "rollouts" / f"iteration={iteration}")
+    flat = df[[c for c in df.columns if df[c].dtype != object or isinstance(df[c].iloc[0], str)]]
+    dataset = mlflow.data.from_pandas(flat, source=source, name=f"rollouts-iteration-{iteration}")
+    client.log_inputs(mlflow_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                            tags=[InputTag("mlflow.data.context", "training")])])
+    create_markdown_artifact(
+        f"## Iteration {iteration}\n\n"
+        f"| metric | value |\n|---|---|\n"
+        f"| held-out greedy accuracy | {evaluation['accuracy']:.3f} |\n"
+        f"| train accuracy (sampled) | {df['correct'].mean():.3f} |\n"
+        f"| mean reward | {df['reward'].mean():.3f} |\n"
+        f"| rollouts | {len(df)} rows, {df['step'].nunique()} steps |\n",
+        key=f"iteration-{iteration}", description=f"{run_id}: iteration {iteration}")
+    create_table_artifact(samples.head(8).astype(str).to_dict("records"), key=f"samples-iteration-{iteration}",
+                          description="A few sampled completions with their rewards")

@@ -1,0 +1,173 @@
+"""Sampling groups (hf backend, tiny model) into the rollout store."""
+import pytest
+import torch
+
+from configs.schema import SamplingConfig
+from models.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AnswerLineStop, Completion,
+                               cut_after_answer_line, generate, sample_completions)
+from models.policy import completion_logprobs
+from models.samplers import HFSampler, Sampler, make_sampler
+from stages.rollout_store import read_rollouts, rollout_path, rollout_tensors
+from stages.sampling import old_logprobs_pass, sample_groups, sampler_mismatch
+
+QUESTIONS = [
+    {"id": "q0", "question": "Mia has 7 apples. She buys 5 more. How many apples does Mia have now?",
+     "solution": "7+5=12\n#### 12", "answer": "12"},
+    {"id": "q1", "question": "Sam has 3 coins. He finds 4 more. How many coins does Sam have now?",
+     "solution": "3+4=7\n#### 7", "answer": "7"},
+    {"id": "q2", "question": "Ann has 9 pens. She loses 2. How many pens does Ann have now?",
+     "solution": "9-2=7\n#### 7", "answer": "7"},
+]
+CFG = SamplingConfig(group_size=4, max_new_tokens=12, temperature=1.0, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny):
+    model, tok = tiny
+    return make_sampler(CFG, "tiny", model=model, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def step_file(tmp_path_factory, sampler):
+    out = rollout_path(tmp_path_factory.mktemp("art"), "run1", 0, 3)
+    return sample_groups("tiny", QUESTIONS, CFG, seed=11, out_path=out, run_id="run1", sampler=sampler)
+
+
+def test_hf_sampler_is_a_sampler(sampler):
+    assert isinstance(sampler, Sampler) and sampler.backend == "hf"
+
+
+def test_g_rows_per_question_with_group_and_sample_indices(step_file):
+    t = read_rollouts(step_file).to_pylist()
+    assert len(t) == len(QUESTIONS) * CFG.group_size
+    for r, row in enumerate(t):
+        g, s = divmod(r, CFG.group_size)
+        assert (row["group_index"], row["sample_index"], row["question_id"]) == (g, s, QUESTIONS[g]["id"])
+        assert row["answer"] == QUESTIONS[g]["answer"] and row["run_id"] == "run1" and row["seed"] == 11
+        assert row["completion_length"] == len(row["completion_ids"]) == len(row["old_logprobs"])
+        assert row["sampler_backend"] == "hf" and row["policy_checkpoint"] == "tiny"
+        assert row["correct"] is False or row["extracted_answer"] == row["answer"]
+    assert len({tuple(r["completion_ids"]) for r in t}) > 1  # sampled, not greedy
+
+
+def test_same_seed_same_completions(tmp_path, sampler, step_file):
+    again = sample_groups("tiny", QUESTIONS, CFG, seed=11, out_path=tmp_path / "a.parquet", run_id="run1",
+                          sampler=sampler)
+    other = sample_groups("tiny", QUESTIONS, CFG, seed=12, out_path=tmp_path / "b.parquet", run_id="run1",
+                          sampler=sampler)
+    ids = read_rollouts(step_file).column("completion_ids").to_pylist()
+    assert read_rollouts(again).column("completion_ids").to_pylist() == ids
+    assert read_rollouts(other).column("completion_ids").to_pylist() != ids
+
+
+def test_sampling_leaves_the_global_rng_alone(tiny, sampler):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sampler.sample([[3, 4, 5]], n=2, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sampler_logprobs_match_teacher_forced_pass(tiny, step_file):
+    model, tok = tiny
+    batch = rollout_tensors(read_rollouts(step_file))
+    fresh, mask, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, pad_id=tok.pad_token_id)
+    assert torch.equal(mask, batch.mask)
+    assert torch.allclose(batch.old_logprobs, fresh, atol=1e-4), (batch.old_logprobs - fresh).abs().max()
+    # the mu > 1 pi_old pass is that teacher-forced computation, from the table, in micro-batches
+    model.train()
+    old = old_logprobs_pass(model, read_rollouts(step_file), pad_id=tok.pad_token_id, micro_batch_size=5)
+    assert model.training  # mode restored
+    model.eval()
+    assert not old.requires_grad and torch.allclose(old, fresh, atol=1e-5)
+    stats = sampler_mismatch(batch, old)
+    assert stats["sampler_logp_abs_diff_max"] < 1e-4
+
+
+def test_truncation_flags_on_short_max_new_tokens(tiny):
+    model, tok = tiny
+    prompts = tok(["Question: Mia has 7 apples.\nAnswer:\n", "Question: Sam\nAnswer:\n"])["input_ids"]
+    outs = sample_completions(model, tok, prompts, n=8, max_new_tokens=3, seed=0, return_logprobs=True)
+    assert len(outs) == 16
+    for c in outs:
+        ends_with_eos = bool(c.token_ids) and c.token_ids[-1] == tok.eos_token_id
+        assert c.truncated == (c.finish_reason == FINISH_LENGTH) == (not ends_with_eos)
+        assert c.truncated == (len(c.token_ids) == 3 and not ends_with_eos)
+        assert tok.eos_token_id not in c.token_ids[:-1] and len(c.logprobs) == len(c.token_ids)
+
+
+def test_eos_ends_a_row_and_is_kept(tiny):
+    model, tok = tiny
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make EOS likely: a large output-embedding row for it (restored below)
+        head = model.get_output_embeddings()
+        saved = head.weight[eos].clone()
+        head.weight[eos] = 50.0 * torch.sign(torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(0)))
+    try:
+        outs = sample_completions(model, tok, tok(["Question: x\nAnswer:\n"])["input_ids"], n=4, max_new_tokens=5,
+                                  seed=0, return_logprobs=True)
+    finally:
+        with torch.no_grad():
+            head.weight[eos] = saved
+    eos_rows = [c for c in outs if c.finish_reason == FINISH_EOS]
+    assert eos_rows, [c.token_ids for c in outs]
+    for c in eos_rows:
+        assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1] and not c.truncated
+        assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_answer_line_stop(tiny):
+    _, tok = tiny
+    text = "7+5=12\n#### 12\nQuestion: more"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = cut_after_answer_line(Completion(ids, False, [0.0] * len(ids), FINISH_LENGTH), tok, "####")
+    assert tok.decode(cut.token_ids) == "7+5=12\n#### 12\n" and cut.finish_reason == FINISH_STOP
+    assert len(cut.logprobs) == len(cut.token_ids) and not cut.truncated
+    # the stopping criterion stops the row at the same place during generate
+    prompt = [1, 2, 3]
+    stop = AnswerLineStop(tok, "####", len(prompt), rows=1)
+    done = [bool(stop(torch.tensor([prompt + ids[:k]]), None)[0]) for k in range(1, len(ids) + 1)]
+    assert done.index(True) + 1 == len(cut.token_ids) and stop.stop_len[0] == len(cut.token_ids)
+
+
+def test_resumed_step_is_reused_not_resampled(step_file):
+    class Exploding:
+        backend, tokenizer = "hf", None
+
+        def sample(self, *a, **k):
+            raise AssertionError("a complete step must not be resampled")
+
+    before = (step_file.stat().st_mtime_ns, step_file.read_bytes())
+    again = sample_groups("tiny", QUESTIONS, CFG, seed=99, out_path=step_file, run_id="run1", sampler=Exploding())
+    assert again == step_file and (step_file.stat().st_mtime_ns, step_file.read_bytes()) == before
+
+
+def test_greedy_generate_still_works(tiny):
+    model, tok = tiny
+    prompts = tok(["Question: a\nAnswer:\n", "Question: bb bb\nAnswer:\n"])["input_ids"]
+    a = generate(model, tok, prompts, greedy=True, max_new_tokens=4)
+    b = generate(model, tok, prompts[::-1], greedy=True, max_new_tokens=4)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b[::-1]]
+    with pytest.raises(ValueError):
+        generate(model, tok, prompts, greedy=True, n=2)
+
+
+def test_hf_sampler_update_weights(tiny_dir, tiny):
+    from models.loading import load_policy
+
+    model, tok = load_policy(str(tiny_dir))
+    s = HFSampler(model, tok, max_new_tokens=4)
+    other = {k: v + 0.01 for k, v in model.state_dict().items()}
+    s.update_weights(other)
+    assert torch.allclose(model.model.embed_tokens.weight, other["model.embed_tokens.weight"])
+    s.update_weights(str(tiny_dir))
+    assert torch.allclose(model.model.embed_tokens.weight, tiny[0].model.embed_tokens.weight)
+
+
+def test_vllm_backend_without_vllm_says_how_to_install():
+    from models.vllm_sampler import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here; tests/test_vllm_backend.py covers the backend")
+    with pytest.raises(ImportError, match="make vllm-venv"):
+        make_sampler(SamplingConfig(backend="vllm"), "tiny")

