@@ -144,6 +144,7 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
         tracking.log_metrics(cfg, mlflow_run_id, ev, 0, prefix="eval/")
         logger.info("initial policy: greedy accuracy %.3f on %d held-out questions", ev["accuracy"], ev["n"])
         state = {"run_id": run_id, "iteration": 0, "step": -1, "policy": sft_ckpt, "saved_policy": sft_ckpt,
+                 "initial_policy": sft_ckpt,
                  "initial_accuracy": ev["accuracy"], "reward_models": {}}
         write_state(run_dir, state)
     else:

@@ -1,0 +1,94 @@
+"""End to end: the real flow on the real Prefect API (ephemeral) and a real MLflow SQLite store.
+
+Tiny sizes: a barely-trained tiny model, 2 iterations x 2 steps of 2 questions x G=4.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs import load_config
+from stages.checkpoints import read_state
+from stages.rollout_store import open_run
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = [
+    "sft.steps=30", "data.train_size=300", "data.test_size=16", "loop.iterations=2", "loop.steps_per_iteration=2",
+    "loop.questions_per_step=2", "loop.eval_every=1", "sampling.group_size=4", "sampling.max_new_tokens=16",
+    "reward_model.init_questions=8", "reward_model.init_samples_per_question=2", "reward_model.epochs=1",
+]
+STEP_METRICS = ["reward_mean", "reward_std", "accuracy", "zero_std_group_frac", "advantage_mean", "advantage_abs_mean",
+                "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "loss", "grad_norm",
+                "completion_length_mean", "truncation_rate", "sample_tokens_per_s", "update_tokens_per_s",
+                "sample_seconds", "score_seconds", "update_step_seconds", "sampler_logp_gap"]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(root, *extra):
+    return load_config(ROOT / "configs/demo.yaml", [f"storage.artifacts_root={root}", *TINY_RUN, *extra])
+
+
+def _weights(ckpt):
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
+    from flows.iterative_grpo import iterative_grpo
+    from tasks.tracking import client_for
+
+    cfg = _config(tmp_path, "run_id=outcome", "reward.sources=[{name: verifier}, {name: outcome_rm, weight: 0.5}]")
+    summary = iterative_grpo(cfg)
+    run_dir = tmp_path / "runs" / "outcome"
+
+    # Parquet: every step once, G rows per question, group/sample indices in order.
+    table = open_run(tmp_path, "outcome").to_table()
+    per_file = sorted(run_dir.glob("rollouts/iteration=*/step=*.parquet"))
+    assert [p.name for p in per_file] == ["step=0.parquet", "step=1.parquet", "step=2.parquet", "step=3.parquet"]
+    assert table.num_rows == 4 * 2 * 4
+    for it in (0, 1):
+        part = table.filter(ds.field("iteration") == it)
+        assert part.num_rows == 2 * 2 * 4
+    assert set(table.column("sample_index").to_pylist()) == {0, 1, 2, 3}
+    assert "advantages" in table.column_names and "reward" in table.column_names
+
+    # MLflow: one run, the step metrics at every step, eval and RM metrics per iteration.
+    client = client_for(cfg)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["pipeline_run_id"] == "outcome" and "prefect_flow_run_id" in run.data.tags
+    assert run.data.params["grpo.beta"] == "0.04"
+    for key in STEP_METRICS:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2, 3], key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")) == [0, 1, 2, 3, 4]
+    replay = client.get_metric_history(run.info.run_id, "rm/outcome_rm/replay_fraction")
+    assert [m.step for m in replay] == [2, 4]
+    n_new = client.get_metric_history(run.info.run_id, "rm/outcome_rm/n_new")
+    n_replay = client.get_metric_history(run.info.run_id, "rm/outcome_rm/n_replay")
+    for new, rep, frac in zip(n_new, n_replay, replay):
+        assert rep.value == round(0.1 * new.value / 0.9)
+        assert frac.value == pytest.approx(rep.value / (new.value + rep.value))
+    assert (run_dir / "checkpoints/outcome_rm/iteration=2").is_dir()
+
+    # Reference refresh: reference == policy at the start of each iteration, and differs after updates.
+    state = read_state(run_dir)
+    sft = _weights(state["initial_policy"])
+    policy0, policy1 = _weights(run_dir / "checkpoints/policy/iteration=0"), _weights(summary["policy"])
+    ref0, ref1 = (_weights(run_dir / f"checkpoints/reference/iteration={k}") for k in (0, 1))
+    assert all(torch.equal(ref0[k], sft[k]) for k in sft)
+    assert all(torch.equal(ref1[k], policy0[k]) for k in policy0)
+    assert any(not torch.equal(ref1[k], policy1[k]) for k in policy1)  # the policy moved in iteration 1
+    assert state["iteration"] == 2 and state["step"] == 3
