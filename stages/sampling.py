@@ -5,9 +5,9 @@ G outputs per question, one `ROLLOUT_SCHEMA` row per output, written atomically 
 Parquet file. A step whose file exists is complete (writes are atomic) and is returned as is,
 so a resumed run neither loses nor duplicates rollouts.
 
-Heavy objects stay in the process: `get_sampler` caches the sampler (HF model or vLLM engine)
-across steps. An HF sampler is keyed by checkpoint (the newest one only); a vLLM engine is kept
-for the run and given the new checkpoint's weights instead of being restarted.
+Heavy objects stay in the caller's process: the flow passes the sampler it keeps across steps
+(tasks/workspace.py: the trainer's live model for `hf`, a long-lived engine fed new weights for
+`vllm`); without one, a sampler is built for `policy_ref` for this call.
 """
 from __future__ import annotations
 
@@ -24,44 +24,6 @@ from problems.datasets import format_prompt
 from problems.verify import ANSWER_MARK, extract_answer, is_correct
 from stages.rollout_store import ROLLOUT_SCHEMA, RolloutBatch, rollout_tensors, write_atomic
 
-_CACHE: dict[str, tuple[tuple, Sampler]] = {}  # backend -> (key, sampler)
-
-
-def get_sampler(sampling_cfg, policy_ref: str | Path, *, model_cfg=None, seed: int = 0) -> Sampler:
-    """The process's sampler for `sampling_cfg.backend`, serving `policy_ref`'s weights.
-
-    `model_cfg` (a `configs.schema.ModelConfig`) gives device, dtype and trust_remote_code."""
-    device = getattr(model_cfg, "device", "cpu")
-    dtype = getattr(model_cfg, "dtype", "float32")
-    trust = getattr(model_cfg, "trust_remote_code", False)
-    backend = sampling_cfg.backend
-    key = (str(policy_ref), device, dtype, sampling_cfg.model_dump_json())
-    cached = _CACHE.get(backend)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    if cached is not None and backend == "vllm" and cached[0][1:] == key[1:]:
-        cached[1].update_weights(str(policy_ref))  # same engine, new checkpoint's weights
-        _CACHE[backend] = (key, cached[1])
-        return cached[1]
-    if cached is not None:
-        close = getattr(cached[1], "close", None)
-        if close is not None:
-            close()
-        del _CACHE[backend]
-    sampler = make_sampler(sampling_cfg, policy_ref, device=device, dtype=dtype, trust_remote_code=trust,
-                           stop_marker=ANSWER_MARK, seed=seed)
-    _CACHE[backend] = (key, sampler)
-    return sampler
-
-
-def clear_sampler_cache() -> None:
-    for _, sampler in _CACHE.values():
-        close = getattr(sampler, "close", None)
-        if close is not None:
-            close()
-    _CACHE.clear()
-
-
 def sample_groups(policy_ref: str | Path, questions: list[dict], sampling_cfg, seed: int, *, out_path: str | Path,
                   run_id: str, policy_checkpoint: str | None = None, sampler: Sampler | None = None,
                   model_cfg=None) -> Path:
@@ -70,13 +32,16 @@ def sample_groups(policy_ref: str | Path, questions: list[dict], sampling_cfg, s
     `questions`: problem dicts {id, question, solution, answer}. `out_path`: the step's file
     (`stages.rollout_store.rollout_path(artifacts, run_id, iteration, step)`). Returns `out_path`;
     when it already exists it is returned unchanged and nothing is sampled. `sampler`: an
-    already-built sampler (else `get_sampler` loads/caches one for `policy_ref`).
+    already-built sampler (else one is built for `policy_ref` with `model_cfg`'s device and dtype).
     """
     out_path = Path(out_path)
     if out_path.exists():
         return out_path
     if sampler is None:
-        sampler = get_sampler(sampling_cfg, policy_ref, model_cfg=model_cfg, seed=seed)
+        sampler = make_sampler(sampling_cfg, policy_ref, device=getattr(model_cfg, "device", "cpu"),
+                               dtype=getattr(model_cfg, "dtype", "float32"),
+                               trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
+                               stop_marker=ANSWER_MARK, seed=seed)
     table = sample_table(sampler, questions, group_size=sampling_cfg.group_size, seed=seed, run_id=run_id,
                          policy_checkpoint=str(policy_checkpoint or policy_ref))
     return write_atomic(table, out_path)

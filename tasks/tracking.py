@@ -59,6 +59,11 @@ def log_metrics(cfg: PipelineConfig, mlflow_run_id: str, metrics: dict[str, floa
         client_for(cfg).log_batch(mlflow_run_id, metrics=batch[i:i + 500])
 
 
+def last_logged_step(cfg: PipelineConfig, mlflow_run_id: str, key: str) -> int:
+    """The highest step at which `key` was logged (-1 if never): where a resumed run picks up logging."""
+    return max((m.step for m in client_for(cfg).get_metric_history(mlflow_run_id, key)), default=-1)
+
+
 def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client = client_for(cfg)
     if Path(path).is_dir():

@@ -92,3 +92,60 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
     assert all(torch.equal(ref1[k], policy0[k]) for k in policy0)
     assert any(not torch.equal(ref1[k], policy1[k]) for k in policy1)  # the policy moved in iteration 1
     assert state["iteration"] == 2 and state["step"] == 3
+
+
+def _wait_mid_step(run_dir: Path, proc, timeout: float = 300.0) -> int:
+    """Poll until a step's rollouts exist but its update is not yet saved; returns that step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed (exit {proc.returncode})")
+        state = read_state(run_dir)
+        if state is not None and state["step"] >= 0:
+            nxt = state["step"] + 1
+            if list(run_dir.glob(f"rollouts/iteration=*/step={nxt}.parquet")):
+                return nxt
+        time.sleep(0.02)
+    raise AssertionError("never saw a step in flight")
+
+
+def test_kill_9_mid_step_then_resume_matches_an_uninterrupted_run(prefect_api, tmp_path):
+    from flows.iterative_grpo import iterative_grpo
+    from tasks.tracking import client_for
+
+    straight = iterative_grpo(_config(tmp_path, "run_id=straight"))
+
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("PREFECT_API_URL", None)  # the child uses its own ephemeral API, as `make demo` does
+    cmd = [sys.executable, "-m", "flows.iterative_grpo", "--config", str(ROOT / "configs/demo.yaml"),
+           f"storage.artifacts_root={tmp_path}", *TINY_RUN, "run_id=crashy"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = tmp_path / "runs" / "crashy"
+    try:
+        killed_in = _wait_mid_step(run_dir, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert read_state(run_dir)["step"] == killed_in - 1
+
+    resumed = iterative_grpo(_config(tmp_path, "run_id=crashy"))
+
+    a, b = open_run(tmp_path, "straight").to_table(), open_run(tmp_path, "crashy").to_table()
+    assert a.num_rows == b.num_rows == 4 * 2 * 4
+    assert sorted(p.name for p in run_dir.glob("rollouts/iteration=*/step=*.parquet")) == \
+        [f"step={s}.parquet" for s in range(4)]
+    key = ["question_id", "sample_index", "completion"]
+    assert sorted(zip(*(b.column(k).to_pylist() for k in key))) == sorted(zip(*(a.column(k).to_pylist() for k in key)))
+    assert not list(run_dir.glob("rollouts/**/.*.tmp"))  # no partial file left behind
+
+    client = client_for(_config(tmp_path))
+    assert resumed["mlflow_run_id"] == client.search_runs(
+        [client.get_run(resumed["mlflow_run_id"]).info.experiment_id],
+        "tags.pipeline_run_id = 'crashy'")[0].info.run_id  # one MLflow run, continued
+    for k in ("reward_mean", "loss", "kl"):
+        steps = [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], k)]
+        assert sorted(steps) == [0, 1, 2, 3], k  # no gap, no duplicate
+    wa, wb = _weights(straight["policy"]), _weights(resumed["policy"])
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

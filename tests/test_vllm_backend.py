@@ -69,15 +69,22 @@ def test_samples_n_per_prompt_with_raw_logprobs(engine, tiny):
         assert o.truncated == (o.finish_reason == "length")
 
 
-def test_weights_pushed_in_memory_are_served(engine, tiny, tiny_dir, other_model):
+def test_weights_pushed_in_memory_are_served(engine, tiny, tiny_dir, other_model, tmp_path):
     cfg, sampler = engine
     d1, model1 = other_model
     prompts = _prompts(sampler.tokenizer)
     assert _max_logp_gap(sampler, model1, prompts)[0] > 0.1  # still the old model
     assert sampler.update_weights(model1) == "memory"
     assert _max_logp_gap(sampler, model1, prompts)[0] < 1e-4
-    # and back, from a checkpoint directory (the in-engine reload-from-disk path)
-    assert sampler.update_weights(str(tiny_dir)) == "disk"
+    # and back, from a checkpoint directory (the in-engine reload-from-disk path) that, like a
+    # training checkpoint, also holds optimizer state: vLLM must not take it for model weights
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ckpt = shutil.copytree(tiny_dir, tmp_path / "ckpt")
+    save_file({"state.0.exp_avg": torch.zeros(3)}, str(ckpt / "optimizer.safetensors"))
+    assert sampler.update_weights(str(ckpt)) == "disk"
     assert _max_logp_gap(sampler, tiny[0], prompts)[0] < 1e-4
 
 
