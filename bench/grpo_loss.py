@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -31,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import cpu_model, write_section  # noqa: E402
 
 from models.grpo import grpo_loss  # noqa: E402
 
@@ -84,21 +85,8 @@ def median_ms(fn, logp):
     return 1e3 * statistics.median(times)
 
 
-def cpu_model():
-    match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    return match.group(1).strip() if match else platform.processor() or "unknown"
 
 
-def write_section(text):
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    # Replace our section (up to the next "## " heading) or append it.
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text, doc)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
 
 
 def main():

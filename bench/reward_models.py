@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -35,6 +34,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import cpu_model, write_section  # noqa: E402
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -134,20 +135,8 @@ def fmt(x, nd=3):
     return "n/a" if x != x else f"{x:.{nd}f}"
 
 
-def cpu_model():
-    match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    return match.group(1).strip() if match else platform.processor()
 
 
-def write_section(text):
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        current = pattern.sub(lambda _: text, current)
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    path.write_text(current)
 
 
 def main():

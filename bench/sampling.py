@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import cpu_model, write_section  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -44,17 +45,8 @@ QUESTIONS, G, MAX_NEW, BATCH = 8, 8, 64, 64
 REPEATS_FAST, REPEATS_SLOW = 3, 2
 
 
-def cpu_model():
-    match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    return match.group(1).strip() if match else platform.processor() or "unknown"
 
 
-def write_section(text):
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    doc = pattern.sub(lambda _: text, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
 
 
 def timed(fn, repeats):

@@ -546,6 +546,14 @@ def render(args, v, race_res, orch_res, command):
                  f"{med([s['prepare'] for s in t]):.3f}, training_step rest (loss forward, backward, optimizer) "
                  f"{med([s['train'] for s in t]):.3f} s.")
         L.append("")
+        L.append("Reading: both sides spend ~95% of the step in the same model arithmetic (generation, reference forward, "
+                 "policy forward, backward), phase for phase within ~10%; a cProfile of our step (run separately) puts "
+                 "~80% of its CPU time in torch linear + autograd backward, i.e. the step is compute-bound in float32 "
+                 "matmuls at the same FLOPs as TRL, and the pipeline's own bookkeeping (Parquet, verifier, advantages) is "
+                 "~3%. A ratio <= 0.5 needs less arithmetic per step, not less overhead: e.g. bfloat16 matmuls (this CPU "
+                 "has avx512_bf16; a [3584,128]x[128,512] linear at 1 thread ran 35 GFLOP/s in float32 vs 90 in "
+                 "bfloat16, measured separately under the same load).")
+        L.append("")
         L.append("TRL commands run (one per round): `" + race_res["trl_runs"][0]["cmd"].replace(str(TMP), "$TMP") + "`")
     if orch_res:
         pl, fw = orch_res["plain"], orch_res["flow"]
@@ -576,6 +584,10 @@ def render(args, v, race_res, orch_res, command):
                  f"{', '.join(f'{x:.1f}' for x in orch_res['server_cpu_per_run'])} CPU s per flow run "
                  f"(~{med(orch_res['server_cpu_per_run']) / (args.flow_steps + 1) * 1000:.0f} ms per step, taken from "
                  f"the same {os.cpu_count()} cores)")
+        L.append("- a cProfile of the flow's main thread (run separately) shows ~17 ms of Prefect engine work per task run "
+                 "(~70 ms per step for 4 tasks); the rest of the in-process CPU is Prefect's background threads (logs and "
+                 "events sent to the API) and MLflow; the server process competes for the same cores. The fixed cost is "
+                 "a larger share at these tiny shapes than it would be for a real model.")
         L.append(f"- one-time, not in the figures: temporary Prefect server start {orch_res['server_start_s']:.1f} s "
                  f"(the first flow run); per flow run (grpo_iteration incl. its final greedy evaluation on 32 "
                  f"questions and report) total {', '.join(f'{x:.1f}' for x in orch_res['flow_total'])} s")

@@ -102,6 +102,25 @@ class GRPOConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class PPOConfig(_Section):
+    """PPO (algorithm: ppo): a value model (a value head on a copy of the policy backbone) and GAE.
+
+    gamma = lam = 1.0 is the usual choice for LLM PPO with one outcome reward at the last token (as
+    in TRL's defaults and InstructGPT-style RLHF): no discounting inside an output, and the advantage
+    is the Monte-Carlo return minus the value baseline. The KL to the reference is in the per-token
+    reward with coefficient `grpo.beta` (models.methods.ppo_token_rewards)."""
+
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    value_lr: float = Field(1e-3, gt=0, description="the value model's AdamW learning rate")
+    value_clip: float = Field(0.2, gt=0, description="clip of the value update around the sampling-time values")
+    whiten_advantages: bool = True
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO's inverse temperature (implicit reward scale)")
+
+
 class IterationsConfig(_Section):
     iterations: int = Field(2, gt=0, description="I: outer iterations (reference refresh + RM retrain)")
     steps_per_iteration: int = Field(50, gt=0, description="M: GRPO steps per iteration")
@@ -118,6 +137,7 @@ class RewardModelConfig(_Section):
     freeze_backbone: bool = False
     init_samples_per_question: int = Field(4, gt=0)
     init_questions: int = Field(512, gt=0)
+    retrain_each_iteration: bool = Field(True, description="False: train once before RL and keep it frozen")
 
 
 class SFTConfig(_Section):
@@ -125,6 +145,12 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, gt=0)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+
+
+class ControlConfig(_Section):
+    """A control that shows RL is doing the work: the same wall time spent continuing SFT."""
+
+    sft_same_time: bool = Field(False, description="after RL, continue SFT from the same start for RL's wall time")
 
 
 class TrackingConfig(_Section):
@@ -138,14 +164,19 @@ class StorageConfig(_Section):
 
 class PipelineConfig(_Section):
     run_id: str | None = Field(None, description="names the run; re-using it resumes the run")
+    algorithm: Literal["grpo", "ppo", "online_rft", "rft", "dpo", "sft"] = Field(
+        "grpo", description="the unified paradigm's method (flows/compare_methods.py); iterative_grpo runs grpo")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
     grpo: GRPOConfig = GRPOConfig()
+    ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
     loop: IterationsConfig = IterationsConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    control: ControlConfig = ControlConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")

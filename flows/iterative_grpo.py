@@ -34,7 +34,7 @@ from stages.checkpoints import copy_checkpoint, read_state, write_state
 from stages.rollout_store import read_rollouts, rollout_path
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
-from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data
+from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data, sft_control
 from tasks.reward_models import reward_models_needed, retrain_reward_models, train_initial_reward_models
 from tasks.step import compute_advantages, grpo_update, sample_groups, score_rollouts
 from tasks.report import iteration_report
@@ -96,6 +96,7 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
                     iteration, s + 1, M, metrics["reward_mean"], metrics["accuracy"], metrics.get("kl", 0.0),
                     metrics.get("loss", 0.0), metrics["step_seconds"])
         state["policy"] = new_ckpt
+        state["rl_seconds"] = state.get("rl_seconds", 0.0) + metrics["step_seconds"]
         if save:
             state["step"] = step
             state["saved_policy"] = new_ckpt
@@ -106,8 +107,10 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
             tracking.log_metrics(cfg, mlflow_run_id, ev, step + 1, prefix="eval/")
             logger.info("eval after step %d: greedy accuracy %.3f", step + 1, ev["accuracy"])
 
-    if reward_models_needed(cfg):
+    if reward_models_needed(cfg) and cfg.reward_model.retrain_each_iteration:
+        t0 = time.perf_counter()
         state["reward_models"], rm_metrics = retrain_reward_models(cfg, run_id, iteration, state["reward_models"])
+        state["rl_seconds"] = state.get("rl_seconds", 0.0) + time.perf_counter() - t0
         tracking.log_metrics(cfg, mlflow_run_id, rm_metrics, (iteration + 1) * M, prefix="rm/")
     final = copy_checkpoint(state["policy"], ckpt_dir / "policy" / f"iteration={iteration}")
     ev = evaluate_policy(cfg, str(final), test_path)
@@ -161,20 +164,33 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
         state = grpo_iteration(cfg, run_id, k, state, train_path, test_path, mlflow_run_id)
 
     final = evaluate_policy(cfg, state["policy"], test_path)
-    tracking.finish_run(cfg, mlflow_run_id)
     summary = {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "initial_accuracy": state["initial_accuracy"],
-               "final_accuracy": final["accuracy"], "policy": state["policy"], "run_dir": str(run_dir)}
-    create_markdown_artifact(
-        f"# Run {run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT) -> "
-        f"{summary['final_accuracy']:.3f} after {cfg.loop.iterations} iteration(s).\n",
-        key="run-summary", description="Iterative GRPO result")
+               "final_accuracy": final["accuracy"], "policy": state["policy"], "run_dir": str(run_dir),
+               "rl_seconds": state.get("rl_seconds", 0.0)}
+    report = (f"# Run {run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT) -> "
+              f"{summary['final_accuracy']:.3f} after {cfg.loop.iterations} iteration(s) "
+              f"({summary['rl_seconds']:.0f} s of RL).\n")
+    if cfg.control.sft_same_time:
+        control = sft_control(cfg, run_id, state["initial_policy"], summary["rl_seconds"])
+        ev = evaluate_policy(cfg, control, test_path)
+        summary["control_sft_accuracy"] = ev["accuracy"]
+        tracking.log_metrics(cfg, mlflow_run_id, {"sft_same_time_accuracy": ev["accuracy"]},
+                             cfg.loop.iterations * cfg.loop.steps_per_iteration, prefix="control/")
+        report += (f"\nControl, the same {summary['rl_seconds']:.0f} s spent continuing SFT from the same start: "
+                   f"{ev['accuracy']:.3f}.\n")
+    tracking.finish_run(cfg, mlflow_run_id)
+    create_markdown_artifact(report, key="run-summary", description="Iterative GRPO result")
     return summary
 
 
 def print_summary(cfg: PipelineConfig, summary: dict) -> None:
     root = cfg.artifacts()
+    control = ""
+    if "control_sft_accuracy" in summary:
+        control = f"\nControl: the same time spent continuing SFT reaches {summary['control_sft_accuracy']:.3f}"
     print(f"""
-Held-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT policy) -> {summary['final_accuracy']:.3f}
+Held-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT policy) -> {summary['final_accuracy']:.3f} \
+after {summary['rl_seconds']:.0f} s of RL{control}
   rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration)
   checkpoints:  {summary['run_dir']}/checkpoints/
   MLflow run:   {summary['mlflow_run_id']} in {cfg.mlflow_uri()}

@@ -98,3 +98,30 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: i
         "mean_length": sum(len(o.token_ids) for o in outs) / len(problems),
         "n": len(problems),
     }
+
+
+def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Path) -> Path:
+    """The control for RL: continue SFT from `start` for `seconds` of wall time, saved at `out`.
+
+    Same data, batch size and peak lr as the warm start; the cosine schedule is laid over the
+    number of steps the warm start's measured speed fits into `seconds`, so the control anneals
+    as a planned run of that length would.
+    """
+    model, tok = load_policy(str(start), dtype=cfg.model.dtype, device=cfg.model.device,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    meta_path = Path(start) / "sft.json"
+    rate = None
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        rate = meta["steps"] / meta["seconds"] if meta.get("seconds") else None
+    steps = max(1, int(seconds * rate)) if rate else max(1, cfg.sft.steps)
+    train_path, _ = prepare_data(cfg)
+    torch.manual_seed(cfg.model.seed + 1)
+    losses = train_sft(model, encode_examples(tok, read_problems(train_path)), pad_id=tok.pad_token_id, steps=steps,
+                       batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
+                       max_seconds=seconds)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,
+                                              "planned_steps": steps}, indent=1))
+    return out

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig
 from problems.datasets import read_problems
 from stages import prepare
+from tasks.keys import stage_key
 from tasks.workspace import WORKSPACE
 
 
@@ -37,3 +38,10 @@ def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str) -> di
     model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
     problems = read_problems(Path(test_path))[: cfg.data.test_size]
     return prepare.greedy_accuracy(model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens)
+
+
+@task(cache_key_fn=stage_key("sft-control"), persist_result=True, result_serializer="json")
+def sft_control(cfg: PipelineConfig, run_id: str, initial_policy: str, seconds: float) -> str:
+    """Continue SFT from the RL run's starting point for RL's wall time (the control)."""
+    out = cfg.artifacts() / "runs" / run_id / "checkpoints" / "control_sft"
+    return str(prepare.continue_sft(cfg, initial_policy, seconds, out))
