@@ -503,6 +503,11 @@ def render(args, v, race_res, orch_res, command):
         L.append(f"- **ours {mo:.3f} s/step vs TRL GRPOTrainer {mt:.3f} s/step: ratio ours/TRL = {ratio:.2f}** "
                  f"(min {min(s['wall'] for s in o):.3f} vs {min(s['wall'] for s in t):.3f}; CPU seconds/step "
                  f"{med([s['cpu'] for s in o]):.3f} vs {med([s['cpu'] for s in t]):.3f})")
+        infl = max(mo / med([s["cpu"] for s in o]), mt / med([s["cpu"] for s in t]))
+        if infl > 1.2:
+            L.append(f"- CAUTION: wall time is up to {infl:.1f}x the CPU time on one side (machine load): the wall "
+                     f"figures are inflated by other jobs; the CPU seconds/step ratio "
+                     f"{med([s['cpu'] for s in o]) / med([s['cpu'] for s in t]):.2f} is the steadier comparison")
         per_round = []
         n = args.steps - args.warmup
         for r in range(args.rounds):
@@ -554,7 +559,7 @@ def render(args, v, race_res, orch_res, command):
                  "has avx512_bf16; a [3584,128]x[128,512] linear at 1 thread ran 35 GFLOP/s in float32 vs 90 in "
                  "bfloat16, measured separately under the same load).")
         L.append("")
-        L.append("TRL commands run (one per round): `" + race_res["trl_runs"][0]["cmd"].replace(str(TMP), "$TMP") + "`")
+        L.append("TRL commands run (one per round): `" + re.sub(r"/tmp/step_vs_trl_\w+", "$TMP", race_res["trl_runs"][0]["cmd"]) + "`")
     if orch_res:
         pl, fw = orch_res["plain"], orch_res["flow"]
         mp, mf = med(pl), med(fw)
