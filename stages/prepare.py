@@ -101,7 +101,8 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: i
 
 
 def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Path) -> Path:
-    """The control for RL: continue SFT from `start` for `seconds` of wall time, saved at `out`.
+    """The control for RL: continue SFT from `start` for `seconds` of this process's CPU time (RL's
+    budget is measured the same way, so a busier machine in one phase does not favour either side).
 
     Same data, batch size and peak lr as the warm start; the cosine schedule is laid over the
     number of steps the warm start's measured speed fits into `seconds`, so the control anneals
@@ -119,7 +120,7 @@ def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Pa
     torch.manual_seed(cfg.model.seed + 1)
     losses = train_sft(model, encode_examples(tok, read_problems(train_path)), pad_id=tok.pad_token_id, steps=steps,
                        batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
-                       max_seconds=seconds)
+                       max_seconds=seconds, clock=time.process_time)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,

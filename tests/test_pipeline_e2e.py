@@ -51,7 +51,8 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
     from flows.iterative_grpo import iterative_grpo
     from tasks.tracking import client_for
 
-    cfg = _config(tmp_path, "run_id=outcome", "reward.sources=[{name: verifier}, {name: outcome_rm, weight: 0.5}]")
+    cfg = _config(tmp_path, "run_id=outcome", "reward.sources=[{name: verifier}, {name: outcome_rm, weight: 0.5}]",
+                  "control.sft_same_time=true")
     summary = iterative_grpo(cfg)
     run_dir = tmp_path / "runs" / "outcome"
 
@@ -92,6 +93,28 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
     assert all(torch.equal(ref1[k], policy0[k]) for k in policy0)
     assert any(not torch.equal(ref1[k], policy1[k]) for k in policy1)  # the policy moved in iteration 1
     assert state["iteration"] == 2 and state["step"] == 3
+
+    # The time-matched SFT control ran and was logged next to the RL result.
+    assert 0.0 <= summary["control_sft_accuracy"] <= 1.0
+    assert client.get_metric_history(run.info.run_id, "control/sft_same_time_accuracy")
+    assert (run_dir / "checkpoints/control_sft/model.safetensors").exists()
+
+
+def test_process_supervision_runs_with_a_process_reward_model(prefect_api, tmp_path):
+    from flows.iterative_grpo import iterative_grpo
+
+    cfg = _config(tmp_path, "run_id=process", "loop.iterations=1", "reward.supervision=process",
+                  "reward.sources=[{name: verifier}, {name: process_rm, weight: 0.5}]")
+    summary = iterative_grpo(cfg)
+    table = open_run(tmp_path, "process").to_table()
+    assert table.num_rows == 2 * 2 * 4
+    # Process advantages vary along a completion (suffix sums of step rewards), unlike outcome ones.
+    varying = [len(set(a)) > 1 for a in table.column("advantages").to_pylist() if a]
+    assert any(varying)
+    for ends, rewards in zip(table.column("step_ends").to_pylist(), table.column("step_rewards").to_pylist()):
+        assert len(ends) == len(rewards)
+    assert (tmp_path / "runs/process/checkpoints/process_rm/iteration=1/value_head.safetensors").exists()
+    assert summary["final_accuracy"] >= 0.0
 
 
 def _wait_mid_step(run_dir: Path, proc, timeout: float = 300.0) -> int:
