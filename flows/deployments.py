@@ -74,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str = "sft", config: PipelineConfig = Pipeli
     logger.info("%s (%s): greedy accuracy %.3f on %d held-out questions", checkpoint, ckpt, ev["accuracy"], ev["n"])
 
     client = tracking.client_for(cfg)
-    exp_id = tracking._experiment_id(client, cfg)
+    exp_id = tracking.experiment_id(client, cfg)
     tags = {"evaluated_checkpoint": checkpoint, "checkpoint_path": str(ckpt)}
     if flow_run.id:
         tags["prefect_flow_run_id"] = str(flow_run.id)

@@ -20,7 +20,7 @@ def client_for(cfg: PipelineConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.mlflow_uri())
 
 
-def _experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
+def experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -32,7 +32,7 @@ def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -
     """The MLflow run of pipeline run `run_id`: the existing one on resume, else a new one with the
     flattened config as params and the resolved config as an artifact."""
     client = client_for(cfg)
-    exp_id = _experiment_id(client, cfg)
+    exp_id = experiment_id(client, cfg)
     found = client.search_runs([exp_id], filter_string=f"tags.{RUN_TAG} = '{run_id}'", max_results=1)
     if found:
         mlflow_run_id = found[0].info.run_id
