@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would bury the step log
     summary = iterative_grpo(cfg)
     print_summary(cfg, summary)
     return 0
