@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm
+.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(ARGS)
+
+# The paper's unified paradigm on the demo task: SFT, RFT, online RFT, DPO, PPO and GRPO from the same
+# SFT policy with the same sample budget (flows/compare_methods.py).
+compare: install
+	$(PY) -m flows.compare_methods --config $(CONFIG) threads=1 loop.eval_every=25 tracking.experiment=methods-compared $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

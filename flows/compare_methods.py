@@ -22,6 +22,7 @@ Not resumable: a method's run folder is started afresh each time.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -252,7 +253,7 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     client.log_batch(parent, tags=[RunTag("methods", ",".join(methods)), RunTag("kind", "compare-methods")])
     eval_args = {"k": eval_k, "sample_questions": eval_sample_questions, "temperature": eval_temperature}
     initial = _eval(cfg, sft_ckpt, test_path, eval_args)
-    tracking.log_metrics(cfg, parent, initial, 0, prefix="sft/")
+    tracking.log_metrics(cfg, parent, initial, 0, prefix="start/")  # not "sft/": that is the sft method's
     logger.info("SFT start: %s", "  ".join(f"{k} {v:.3f}" for k, v in initial.items()))
     results = []
     for m in methods:
@@ -266,8 +267,10 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     png = plot_curves(results, out_dir / "accuracy_vs_samples.png", eval_k)
     table = results_table(results, initial, eval_k)
     (out_dir / "results.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps({"initial": initial, "results": results}, indent=1, default=str))
     tracking.log_artifact(cfg, parent, png)
     tracking.log_artifact(cfg, parent, out_dir / "results.md")
+    tracking.log_artifact(cfg, parent, out_dir / "results.json")
     tracking.finish_run(cfg, parent)
     M, q, G = cfg.loop.steps_per_iteration, cfg.loop.questions_per_step, cfg.sampling.group_size
     create_markdown_artifact(

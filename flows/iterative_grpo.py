@@ -128,6 +128,9 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
 def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     """The whole pipeline: data, SFT warm start, reward models, then I iterations of GRPO."""
     cfg = config
+    if cfg.algorithm != "grpo":
+        raise ValueError(f"algorithm: {cfg.algorithm!r} runs in flows/compare_methods.py (make compare); "
+                         "this flow is iterative GRPO")
     run_id = cfg.run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     cfg = cfg.model_copy(update={"run_id": run_id})
     logger = get_run_logger()

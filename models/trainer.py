@@ -39,7 +39,7 @@ class UpdateBatch:
         return max((len(c) for c in self.completion_ids), default=0)
 
 
-def _share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:
+def micro_batch_share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:
     """A micro-batch's weight in the full-batch loss, so that accumulated gradients equal the
     full-batch gradient for each aggregation's denominator."""
     mb = mask[rows]
@@ -58,10 +58,36 @@ def frozen_logprobs(model, batch: UpdateBatch, pad_id: int, micro_batch_size: in
     return logp
 
 
+def accumulate_policy_gradients(policy, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                                mask: torch.Tensor, loss_of, *, pad_id: int, aggregation: str,
+                                micro_batch_size: int, want_entropy: bool = False) -> dict[str, float]:
+    """Backpropagate a batch's loss micro-batch by micro-batch (the optimizer step is the caller's).
+
+    mask: [B, T] completion mask of the whole batch. `loss_of(rows, logp, mb_mask, entropy)` returns
+    (loss, metrics) for the micro-batch `rows` (logp, mb_mask, entropy: [b, T]). Each micro-batch's
+    loss is weighted by its share of the aggregation's denominator, so the accumulated gradient is
+    the full-batch gradient; metrics come back share-weighted the same way, with "loss".
+    """
+    B, T = mask.shape
+    totals: dict[str, float] = {}
+    for start in range(0, B, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logp, mb_mask, entropy = completion_logprobs(policy, prompt_ids[rows], completion_ids[rows], pad_id=pad_id,
+                                                     width=T, with_grad=True, return_entropy=want_entropy)
+        loss, metrics = loss_of(rows, logp, mb_mask, entropy)
+        share = micro_batch_share(mask, rows, aggregation)
+        (loss * share).backward()
+        metrics["loss"] = loss.item()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * share
+    return totals
+
+
 def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model=None, beta: float = 0.04,
                 mu: int = 1, eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
                 grad_clip: float = 1.0, micro_batch_size: int = 64) -> dict[str, float]:
-    """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps."""
+    """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps
+    (entropy and the sampler/trainer log-prob gap: from the first, before any update)."""
     if beta > 0 and ref_model is None:
         raise ValueError(f"grpo.beta={beta} needs a reference model")
     t0 = time.perf_counter()
@@ -72,33 +98,30 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
     adv = batch.advantages.to(device)
     ref_logp = frozen_logprobs(ref_model, batch, pad_id, micro_batch_size) if beta > 0 else None
     old_logp = frozen_logprobs(policy, batch, pad_id, micro_batch_size) if mu > 1 else None
+
+    def loss_of(rows, logp, mb_mask, entropy):
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        loss, metrics = grpo_loss(logp, old, ref_logp[rows] if ref_logp is not None else None, adv[rows], mb_mask,
+                                  eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T)
+        if entropy is not None:
+            n = mb_mask.sum().clamp(min=1)
+            metrics["entropy"] = float((entropy * mb_mask).sum() / n)
+            if batch.sampler_logp is not None:
+                gap = (logp.detach() - batch.sampler_logp[rows].to(device)).abs()
+                metrics["sampler_logp_gap"] = float((gap * mb_mask).sum() / n)
+        return loss, metrics
+
     policy.train()
     totals: dict[str, float] = {}
     for inner in range(mu):
         optimizer.zero_grad(set_to_none=True)
-        for start in range(0, B, micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
-            logp, mb_mask, entropy = completion_logprobs(
-                policy, batch.prompt_ids[rows], batch.completion_ids[rows], pad_id=pad_id, width=T,
-                with_grad=True, return_entropy=inner == 0)
-            old = old_logp[rows] if old_logp is not None else logp.detach()
-            loss, metrics = grpo_loss(
-                logp, old, ref_logp[rows] if ref_logp is not None else None, adv[rows], mb_mask,
-                eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T)
-            share = _share(mask, rows, aggregation)
-            (loss * share).backward()
-            metrics["loss"] = loss.item()
-            if inner == 0:
-                n = mb_mask.sum().clamp(min=1)
-                metrics["entropy"] = float((entropy * mb_mask).sum() / n)
-                if batch.sampler_logp is not None:
-                    gap = (logp.detach() - batch.sampler_logp[rows].to(device)).abs()
-                    metrics["sampler_logp_gap"] = float((gap * mb_mask).sum() / n)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * share / (mu if k not in ("entropy", "sampler_logp_gap") else 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        metrics = accumulate_policy_gradients(policy, batch.prompt_ids, batch.completion_ids, mask, loss_of,
+                                              pad_id=pad_id, aggregation=aggregation,
+                                              micro_batch_size=micro_batch_size, want_entropy=inner == 0)
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip))
         optimizer.step()
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) / mu
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + (v if k in ("entropy", "sampler_logp_gap") else v / mu)
     policy.eval()
     seconds = time.perf_counter() - t0
     totals["update_seconds"] = seconds

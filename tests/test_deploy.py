@@ -146,7 +146,7 @@ def test_deploy_all_and_run_through_a_process_worker(tmp_path):
             deployments = http.post("/deployments/filter", json={}).json()
             names = {f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}": d for d in deployments}
             assert set(names) == {"iterative_grpo/demo", "resume_run/one-more-iteration",
-                                  "evaluate_checkpoint/greedy-accuracy"}
+                                  "evaluate_checkpoint/greedy-accuracy", "compare_methods/unified-paradigm"}
             demo = names["iterative_grpo/demo"]
             assert demo["work_pool_name"] == "local-process"
             assert [s["active"] for s in demo["schedules"]] == [False]

@@ -1,0 +1,52 @@
+"""Held-out evaluation: greedy accuracy, plus Pass@K and Maj@K from K samples per question.
+
+    evaluate(model, tokenizer, problems, max_new_tokens=..., k=8, temperature=1.0, sample_questions=64)
+
+Greedy accuracy is `stages.prepare.greedy_accuracy` on all `problems`. Pass@K (`pass_at_<K>`: some sample is
+right) and Maj@K (`maj_at_<K>`: the majority-vote final answer is right, self-consistency) use K samples at
+`temperature` for each of the first `sample_questions` problems (a fixed subset, so numbers from
+different checkpoints are comparable), seeded. Answers are the verifier's normalised final
+answers (`problems.verify.extract_answer`); samples without one do not vote.
+"""
+from __future__ import annotations
+
+import torch
+
+from models.eval_metrics import maj_at_k, mean_pass_at_k_unbiased, pass_at_k
+from models.generation import sample_completions
+from problems.datasets import format_prompt
+from problems.verify import ANSWER_MARK, extract_answer, normalize_number
+from stages.prepare import greedy_accuracy
+
+
+@torch.no_grad()
+def sampled_metrics(model, tokenizer, problems: list[dict], *, k: int, max_new_tokens: int, temperature: float = 1.0,
+                    seed: int = 0, batch_size: int = 256) -> dict:
+    """Pass@K, Maj@K, pass@1 (unbiased, from the same K samples) and the mean sample accuracy."""
+    was_training = model.training
+    model.eval()
+    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
+    outs = sample_completions(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                              batch_size=batch_size, seed=seed, stop_marker=ANSWER_MARK)
+    model.train(was_training)
+    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+    answers = [[extract_answer(t) for t in texts[i * k:(i + 1) * k]] for i in range(len(problems))]
+    truth = [normalize_number(str(p["answer"])) for p in problems]
+    correct = [[a is not None and a == t for a in row] for row, t in zip(answers, truth)]
+    return {
+        f"pass_at_{k}": pass_at_k(correct),
+        f"maj_at_{k}": maj_at_k(answers, truth),
+        "pass_at_1": mean_pass_at_k_unbiased(correct, 1),
+        "sample_k": float(k),
+        "sample_questions": float(len(problems)),
+    }
+
+
+def evaluate(model, tokenizer, problems: list[dict], *, max_new_tokens: int, k: int = 8, temperature: float = 1.0,
+             sample_questions: int = 64, seed: int = 0) -> dict:
+    """Greedy accuracy on `problems`, Pass@K / Maj@K on the first `sample_questions` of them."""
+    out = greedy_accuracy(model, tokenizer, problems, max_new_tokens=max_new_tokens)
+    if k > 0 and sample_questions > 0:
+        out.update(sampled_metrics(model, tokenizer, problems[:sample_questions], k=k, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=seed))
+    return out
