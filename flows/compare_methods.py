@@ -21,11 +21,9 @@ Not resumable: a method's run folder is started afresh each time.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -34,9 +32,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from configs import ConfigError, PipelineConfig, load_config
+from configs import PipelineConfig
 from configs.schema import RewardSource
-from flows.iterative_grpo import _train_problems, pick_questions
+from flows.cli import config_from_args, config_parser
+from flows.iterative_grpo import train_problems, pick_questions
 from problems.datasets import draw_questions
 from stages import method_data
 from stages.rollout_store import rollout_path
@@ -137,7 +136,7 @@ def method_run(config: PipelineConfig, method: str, compare_id: str, parent_mlfl
             t0 = time.perf_counter()
             out = str(rollout_path(cfg.artifacts(), run_id, 0, s))
             if method == "sft":
-                questions = draw_questions(_train_problems(train_path), per_step,
+                questions = draw_questions(train_problems(train_path), per_step,
                                            f"{cfg.data.seed}-{cfg.model.seed}-{s}-sft")
                 path = str(method_data.sft_rollouts(questions, WORKSPACE.tokenizer, out, run_id=run_id))
             elif pool is not None:
@@ -283,17 +282,13 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser = config_parser(__doc__)
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, from " + ",".join(ALL_METHODS))
     parser.add_argument("--eval-k", type=int, default=8)
     parser.add_argument("--eval-sample-questions", type=int, default=64)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.steps_per_iteration=20")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     t0 = time.perf_counter()
     out = compare_methods(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], eval_k=args.eval_k,

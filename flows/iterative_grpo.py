@@ -16,9 +16,7 @@ Re-running with the same run_id resumes after the last completed step.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import time
 import uuid
 from functools import lru_cache
@@ -28,7 +26,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from configs import ConfigError, PipelineConfig, dump_config, load_config
+from configs import PipelineConfig, dump_config
+from flows.cli import config_from_args, config_parser
 from problems.datasets import draw_questions, read_problems
 from stages.checkpoints import copy_checkpoint, read_state, write_state
 from stages.rollout_store import read_rollouts, rollout_path
@@ -40,12 +39,12 @@ from tasks.step import compute_advantages, grpo_update, sample_groups, score_rol
 from tasks.report import iteration_report
 
 @lru_cache(maxsize=4)
-def _train_problems(path: str) -> list[dict]:
+def train_problems(path: str) -> list[dict]:
     return read_problems(path)
 
 
 def pick_questions(train_path: str, cfg: PipelineConfig, step: int) -> list[dict]:
-    return draw_questions(_train_problems(train_path), cfg.loop.questions_per_step,
+    return draw_questions(train_problems(train_path), cfg.loop.questions_per_step,
                           f"{cfg.data.seed}-{cfg.model.seed}-{step}")
 
 
@@ -207,18 +206,9 @@ Resume or extend this run: python -m flows.iterative_grpo --config <same config>
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.lr=1e-5")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = config_from_args(config_parser(__doc__).parse_args(argv))
+    if cfg is None:
         return 2
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars would bury the step log
     summary = iterative_grpo(cfg)
     print_summary(cfg, summary)
     return 0
