@@ -30,7 +30,7 @@ from configs import PipelineConfig, dump_config
 from flows.cli import config_from_args, config_parser
 from problems.datasets import draw_questions, read_problems
 from stages.checkpoints import copy_checkpoint, read_state, write_state
-from stages.rollout_store import read_rollouts, rollout_path
+from stages.rollout_store import rollout_path
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
 from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data, sft_control
@@ -86,9 +86,8 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
                                        str(ckpt_dir / "policy" / f"step={step}"), save)
         t3 = time.perf_counter()
         metrics = {**rollout_metrics(path, cfg.sampling.group_size), **update}
-        n_tokens = sum(read_rollouts(path).column("completion_length").to_pylist())
         metrics.update(sample_seconds=t1 - t0, score_seconds=t2 - t1, update_step_seconds=t3 - t2,
-                       step_seconds=t3 - t0, sample_tokens_per_s=n_tokens / max(t1 - t0, 1e-9))
+                       step_seconds=t3 - t0, sample_tokens_per_s=metrics["completion_tokens"] / max(t1 - t0, 1e-9))
         if step > state.get("logged_until", -1):  # a step redone after a crash is logged once
             tracking.log_metrics(cfg, mlflow_run_id, metrics, step)
         logger.info("iter %d step %d/%d | reward %.3f acc %.3f kl %.4f loss %+.4f | %.1fs",

@@ -34,15 +34,9 @@ def source_weights(sources: Sequence) -> dict[str, float]:
 
 
 def combine_outcome(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> list[float]:
-    """sum_s w_s * scores[s][i] for each item i."""
-    missing = set(weights) - set(scores)
-    if missing:
-        raise ValueError(f"no scores for reward sources {sorted(missing)}")
-    lengths = {name: len(scores[name]) for name in weights}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"reward sources scored different numbers of items: {lengths}")
-    n = next(iter(lengths.values()), 0)
-    return [sum(w * float(scores[name][i]) for name, w in weights.items()) for i in range(n)]
+    """sum_s w_s * scores[s][i] for each item i: the process combination with one step per item."""
+    one_step = {name: [[x] for x in values] for name, values in scores.items()}
+    return [steps[0] for steps in combine_process(one_step, weights)]
 
 
 def combine_process(step_scores: Mapping[str, Sequence[Sequence[float]]],

@@ -163,13 +163,3 @@ def rollout_tensors(table: pa.Table, width: int | None = None) -> RolloutBatch:
         completion_lens=lens,
     )
 
-
-def read_iteration(artifacts: str | Path, run_id: str, iteration: int) -> pa.Table:
-    """One iteration's rollouts with `iteration` and `step` columns (taken from the file layout)."""
-    folder = Path(artifacts) / "runs" / run_id / "rollouts" / f"iteration={iteration}"
-    tables = []
-    for path in sorted(folder.glob("step=*.parquet"), key=lambda p: int(p.stem.split("=")[1])):
-        t = read_rollouts(path)
-        tables.append(t.append_column("iteration", pa.array([iteration] * t.num_rows, pa.int32()))
-                       .append_column("step", pa.array([int(path.stem.split("=")[1])] * t.num_rows, pa.int32())))
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

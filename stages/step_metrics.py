@@ -24,5 +24,6 @@ def rollout_metrics(rollout_path: str | Path, group_size: int) -> dict[str, floa
         "advantage_mean": adv.mean().item() if len(adv) else 0.0,
         "advantage_abs_mean": adv.abs().mean().item() if len(adv) else 0.0,
         "completion_length_mean": lengths.mean().item(),
+        "completion_tokens": lengths.sum().item(),
         "truncation_rate": sum(t.column("truncated").to_pylist()) / max(1, t.num_rows),
     }

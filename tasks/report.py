@@ -11,7 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig
-from stages.rollout_store import read_iteration
+import pyarrow.dataset as ds
+
+from stages.rollout_store import open_run
 from tasks import tracking
 
 SAMPLE_COLUMNS = ["iteration", "step", "question_id", "sample_index", "completion", "answer", "correct", "reward"]
@@ -43,7 +45,7 @@ def _curve_png(cfg: PipelineConfig, mlflow_run_id: str, out: Path) -> Path:
 @task(cache_policy=NO_CACHE)
 def iteration_report(cfg: PipelineConfig, run_id: str, iteration: int, mlflow_run_id: str, evaluation: dict) -> None:
     """Curve PNG, sample table and rollout lineage to MLflow; summary and samples to Prefect."""
-    df = read_iteration(cfg.artifacts(), run_id, iteration).to_pandas()
+    df = open_run(cfg.artifacts(), run_id).to_table(filter=ds.field("iteration") == iteration).to_pandas()
     samples = df.sort_values(["step", "group_index", "sample_index"]).groupby("step").head(2)[SAMPLE_COLUMNS]
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_artifact(cfg, mlflow_run_id, _curve_png(cfg, mlflow_run_id, Path(tmp) / f"curve-iteration-{iteration}.png"),

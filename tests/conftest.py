@@ -29,3 +29,14 @@ def tiny(tiny_dir):
     model, tok = load_policy(str(tiny_dir))
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models on a shared 2-core CPU run ~6x slower with two spinning threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

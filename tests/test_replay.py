@@ -16,12 +16,7 @@ from stages.rollout_store import write_atomic
 from tests.test_reward_models import COMPLETIONS, rollout_rows, write_rollouts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_rows(n: int, iteration: int) -> pa.Table:

@@ -21,13 +21,7 @@ from problems.verify import extract_answer, is_correct
 from stages.rollout_store import ROLLOUT_SCHEMA, SCORE_FIELDS, read_rollouts, write_atomic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these models are tiny and the CPU is shared (2 threads were ~6x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- rollout tables by hand, in ROLLOUT_SCHEMA (also used by test_replay) ----
