@@ -5,10 +5,12 @@ running the same steps through the Prefect flow with MLflow logging.
     .venv/bin/python bench/step_vs_trl.py         # --threads 1 (default), both parts, writes BENCHMARKS.md
 
 Part 1, the race (one invocation, same machine, same thread setting and OMP_WAIT_POLICY on both sides,
-rounds alternate ours / TRL so a change of machine load hits both):
+each round runs ours then TRL so a change of machine load hits both), in two precisions per side:
+fp32 (ours: no autocast, SDPA attention; TRL: no bf16) and bf16 (ours: `model.autocast: bfloat16` with
+eager attention, the demo's setting; TRL: `--bf16`, GRPOConfig's bf16 autocast):
 - TRL: /work/shared/peers/trl_cpu_step.py run as a subprocess by .venv-trl/bin/python (GRPOTrainer on a
   randomly initialised Qwen2, hidden 128, 4 layers, 4 heads, intermediate 512, untied, char vocab 99;
-  8 prompts x G=8, max 32 new tokens, beta 0.04, loss_type grpo, no bf16, no gradient checkpointing).
+  8 prompts x G=8, max 32 new tokens, beta 0.04, loss_type grpo, no gradient checkpointing).
 - ours: the SAME model (same Qwen2Config, same seed, same character tokenizer, the peer's code copied
   here), the same additions as prompts (ours "Question: a+b\nAnswer:\n" via format_prompt, <= 24 tokens;
   TRL "What is a+b? Answer:", <= 22), through this pipeline's stage functions, one step =
@@ -228,18 +230,27 @@ class PhaseTimer:
         HFSampler.sample = self._orig_sample
 
 
+PRECISIONS = {  # ours: model.autocast / model.attn_implementation; TRL: its --bf16 flag
+    "fp32": (["model.autocast=none", "model.attn_implementation=sdpa"], []),
+    "bf16": (["model.autocast=bfloat16", "model.attn_implementation=eager"], ["--bf16"]),
+}
+
+
 class OurSide:
-    def __init__(self, args):
+    def __init__(self, args, precision: str, timer: "PhaseTimer"):
         self.args = args
-        cfg = load_config(ROOT / "configs" / "demo.yaml",
+        self.precision = precision
+        cfg = load_config(ROOT / "configs" / "demo.yaml", PRECISIONS[precision][0] + 
                           [f"storage.artifacts_root={TMP / 'race'}", f"grpo.beta={args.beta}", "grpo.lr=1e-6",
                            "grpo.weight_decay=0.0", "grpo.mu=1", "grpo.aggregation=sequence",
                            f"sampling.group_size={args.G}", f"sampling.max_new_tokens={args.max_new_tokens}",
                            f"sampling.batch_size={args.G * args.prompts_per_step}", "sampling.temperature=1.0",
-                           f"grpo.micro_batch_size={args.G * args.prompts_per_step}"])
+                           f"grpo.micro_batch_size={args.G * args.prompts_per_step}",
+                           "reward.sources=[{name: verifier}]", "grpo.adv_scale=group"])
         self.cfg = cfg
         self.tok = build_char_tokenizer()
         self.model = build_qwen2(self.tok, max_new=args.max_new_tokens)
+        self.model.set_attn_implementation(cfg.model.attn_implementation)
         self.model.eval()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if args.beta > 0 else None
@@ -247,7 +258,7 @@ class OurSide:
         self.sampler = HFSampler(self.model, self.tok, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                  max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
                                  checkpoint="race-qwen2")
-        self.timer = PhaseTimer()
+        self.timer = timer
         self.timer.hook_optimizer(self.opt)
         self.questions = race_questions()
         self.step_no = 0
@@ -258,11 +269,12 @@ class OurSide:
         cfg, args, i = self.cfg, self.args, self.step_no
         self.step_no += 1
         qs = [self.questions[(i * args.prompts_per_step + k) % len(self.questions)] for k in range(args.prompts_per_step)]
-        out = TMP / "race" / f"step={i}.parquet"
+        out = TMP / "race" / self.precision / f"step={i}.parquet"  # per side: a step file is never redone
         self.timer.cur = defaultdict(float)
         c0, t0 = time.process_time(), time.perf_counter()
-        path = sample_stage.sample_groups("race-qwen2", qs, cfg.sampling, seed=i, out_path=out, run_id="race",
-                                          sampler=self.sampler)
+        with cfg.model.compute():
+            path = sample_stage.sample_groups("race-qwen2", qs, cfg.sampling, seed=i, out_path=out, run_id="race",
+                                              sampler=self.sampler)
         t1 = time.perf_counter()
         path = reward_stage.score_rollouts(path, cfg.reward, tokenizer=self.tok)
         t2 = time.perf_counter()
@@ -271,10 +283,11 @@ class OurSide:
         batch = adv_stage.read_update_batch(path)
         t3 = time.perf_counter()
         g = cfg.grpo
-        metrics = trainer_mod.grpo_update(self.model, self.opt, batch, pad_id=self.tok.pad_token_id, ref_model=self.ref,
-                                          beta=g.beta, mu=g.mu, eps_low=g.eps_low, eps_high=g.eps_high,
-                                          aggregation=g.aggregation, grad_clip=g.grad_clip,
-                                          micro_batch_size=g.micro_batch_size)
+        with cfg.model.compute():
+            metrics = trainer_mod.grpo_update(self.model, self.opt, batch, pad_id=self.tok.pad_token_id,
+                                              ref_model=self.ref, beta=g.beta, mu=g.mu, eps_low=g.eps_low,
+                                              eps_high=g.eps_high, aggregation=g.aggregation, grad_clip=g.grad_clip,
+                                              micro_batch_size=g.micro_batch_size)
         t4 = time.perf_counter()
         ph = dict(self.timer.cur)
         rec = {
@@ -290,12 +303,12 @@ class OurSide:
         return rec
 
 
-def run_trl(args, round_no):
-    js = TMP / f"trl_round{round_no}.json"
+def run_trl(args, round_no, precision):
+    js = TMP / f"trl_round{round_no}_{precision}.json"
     cmd = [args.trl_python, str(PEER), "--threads", str(args.threads), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--beta", str(args.beta), "--G", str(args.G),
            "--prompts-per-step", str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens),
-           "--model-dir", str(TMP / "trl_model"), "--out-dir", str(TMP / f"trl_out{round_no}"), "--json", str(js)]
+           "--model-dir", str(TMP / "trl_model"), "--out-dir", str(TMP / f"trl_out{round_no}"), "--json", str(js)] + PRECISIONS[precision][1]
     env = dict(os.environ)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -316,22 +329,26 @@ def run_trl(args, round_no):
 def race(args):
     if not Path(args.trl_python).exists():
         raise SystemExit(f"{args.trl_python} not found: run `bash scripts/trl_venv.sh` first")
-    ours = OurSide(args)
+    timer = PhaseTimer()
+    sides = {p: OurSide(args, p, timer) for p in PRECISIONS}
+    ours = sides["fp32"]
     print(f"ours: Qwen2 {ours.n_params / 1e6:.3f}M params, vocab {len(ours.tok)}, longest prompt "
           f"{ours.prompt_tokens} tok", flush=True)
-    res = {"ours": [], "trl": [], "trl_runs": [], "load_before": load_str()}
+    res = {"trl_runs": [], "load_before": load_str()}
     for r in range(args.rounds):
-        recs = [ours.step() for _ in range(args.steps)]
-        kept = recs[args.warmup:]
-        res["ours"] += kept
-        print(f"round {r + 1} ours: median {med([s['wall'] for s in kept]):.3f} s/step (load {load_str()})", flush=True)
-        trl = run_trl(args, r)
-        res["trl"] += trl["steps"]
-        res["trl_runs"].append({k: v for k, v in trl.items() if k != "steps"})
-        print(f"round {r + 1} TRL:  median {med([s['wall'] for s in trl['steps']]):.3f} s/step (load {load_str()})",
-              flush=True)
+        for p, side in sides.items():
+            kept = [side.step() for _ in range(args.steps)][args.warmup:]
+            res.setdefault(f"ours_{p}", []).extend(kept)
+            print(f"round {r + 1} ours {p}: median {med([s['wall'] for s in kept]):.3f} s/step (load {load_str()})",
+                  flush=True)
+        for p in PRECISIONS:
+            trl = run_trl(args, r, p)
+            res.setdefault(f"trl_{p}", []).extend(trl["steps"])
+            res["trl_runs"].append({k: v for k, v in trl.items() if k != "steps"})
+            print(f"round {r + 1} TRL {p}:  median {med([s['wall'] for s in trl['steps']]):.3f} s/step "
+                  f"(load {load_str()})", flush=True)
     res["load_after"] = load_str()
-    ours.timer.restore()
+    timer.restore()
     res["n_params"] = ours.n_params
     res["prompt_tokens"] = ours.prompt_tokens
     return res
@@ -475,6 +492,80 @@ def pct(part, whole):
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
+def race_lines(args, res):
+    """The race's markdown: both precision-matched pairs, then where each side's time goes."""
+    sides = {f"{who}_{p}": res[f"{who}_{p}"] for p in PRECISIONS for who in ("ours", "trl")}
+    wall = {k: med([s["wall"] for s in v]) for k, v in sides.items()}
+    cpu = {k: med([s["cpu"] for s in v]) for k, v in sides.items()}
+    L = ["", "### The race: seconds per GRPO step", ""]
+    L.append(f"Model: Qwen2 hidden 128, 4 layers, 4 heads (4 kv), intermediate 512, untied, character vocabulary "
+             f"99, {res['n_params'] / 1e6:.3f}M parameters, random init (seed 0), built identically on both "
+             f"sides. Batch: {args.prompts_per_step} prompts x G={args.G}, max {args.max_new_tokens} new tokens, "
+             f"temperature 1, beta {args.beta} (reference forward included), mu 1, sequence-mean loss (TRL "
+             f"loss_type grpo), AdamW, grad clip 1.0, no gradient checkpointing. Two precisions per side: fp32 (ours: "
+             f"no autocast, SDPA attention; TRL: the peer's default, bf16=False) and bf16 (ours: `model.autocast: "
+             f"bfloat16` + `model.attn_implementation: eager`, the demo's setting; TRL: `--bf16`, GRPOConfig's "
+             f"bf16=True autocast). Prompts: TRL `What is a+b? Answer:` (<= 22 tokens); ours "
+             f"`Question: a+b\\nAnswer:\\n` (problems.datasets.format_prompt, <= {res['prompt_tokens']} tokens), the "
+             f"same a, b. {args.rounds} rounds, each: ours fp32, ours bf16, TRL fp32, TRL bf16, {args.steps} steps "
+             f"each, the first {args.warmup} of each left out: {len(sides['ours_fp32'])} steps per side. Load "
+             f"average {res['load_before']} before, {res['load_after']} after.")
+    L.append("")
+    for p in PRECISIONS:
+        o, t = f"ours_{p}", f"trl_{p}"
+        L.append(f"- **{p}: ours {wall[o]:.3f} s/step vs TRL GRPOTrainer {wall[t]:.3f} s/step: ratio ours/TRL = "
+                 f"{wall[o] / wall[t]:.2f}** (CPU seconds/step {cpu[o]:.3f} vs {cpu[t]:.3f}: "
+                 f"{cpu[o] / cpu[t]:.2f})")
+    L.append(f"- across precisions: ours bf16 vs TRL fp32 (the peer script's default) "
+             f"{wall['ours_bf16'] / wall['trl_fp32']:.2f}; ours fp32 vs TRL bf16 "
+             f"{wall['ours_fp32'] / wall['trl_bf16']:.2f}")
+    infl = max(wall[k] / cpu[k] for k in sides)
+    if infl > 1.2:
+        L.append(f"- CAUTION: wall time is up to {infl:.1f}x the CPU time on one side (machine load); the CPU "
+                 f"seconds/step ratios are the steadier comparison")
+    n = args.steps - args.warmup
+    for p in PRECISIONS:
+        rounds = []
+        for r in range(args.rounds):
+            a = med([s["wall"] for s in sides[f"ours_{p}"][r * n:(r + 1) * n]])
+            b = med([s["wall"] for s in sides[f"trl_{p}"][r * n:(r + 1) * n]])
+            rounds.append(f"round {r + 1}: {a:.3f} vs {b:.3f} ({a / b:.2f})")
+        L.append(f"- {p} per round (median ours vs TRL, ratio): " + "; ".join(rounds))
+    L.append(f"- mean completion length: ours {statistics.mean(s['mean_len'] for s in sides['ours_fp32']):.1f}, TRL "
+             f"{statistics.mean(s.get('completions/mean_length', float('nan')) for s in sides['trl_fp32']):.1f} "
+             f"tokens (EOS has ~1% chance per token at random init on both; generate runs all {args.max_new_tokens} "
+             f"steps and the update tensors are {args.max_new_tokens} wide on both sides)")
+    L += ["", "Where the time goes (medians of each phase, s; % of that side's median step):", "",
+          "| phase | ours fp32 | TRL fp32 | ours bf16 | TRL bf16 |", "|---|---|---|---|---|"]
+    phases = [  # (name, ours' value of a step, TRL's value of a step)
+        ("generation (generate + sampler log-probs)", lambda s: s["generate"], lambda s: s["generate"]),
+        ("rollout bookkeeping: ours Parquet write + verifier + advantages + read back; TRL decode, rewards, "
+         "advantages, padding", lambda s: s["sample_rest"] + s["score"] + s["adv_read"], lambda s: s["prepare_other"]),
+        ("reference forward (no grad)", lambda s: s["ref_fwd"], lambda s: s["ref_fwd"]),
+        ("policy forward (+ loss for TRL: compute_loss)", lambda s: s["policy_fwd"], lambda s: s["loss_fwd"]),
+        ("backward + grad clip + AdamW", lambda s: s["bwd_loss_clip"] + s["adamw"], lambda s: s["bwd_opt"]),
+    ]
+    for name, of_ours, of_trl in phases:
+        cells = []
+        for p in PRECISIONS:
+            for who, of in (("ours", of_ours), ("trl", of_trl)):
+                x = med([of(s) for s in sides[f"{who}_{p}"]])
+                cells.append(f"{x:.3f} ({pct(x, wall[f'{who}_{p}'])})")
+        L.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    L.append("")
+    L.append("Reading: ours does the same model arithmetic as TRL (one generation, one reference forward, one policy "
+             "forward and backward per step) with three differences: each prompt is prefilled once and its KV cache "
+             "shared by its G samples (`models.generation.shared_prompt_cache`; TRL's generate prefills all G copies); "
+             "under bf16 autocast our attention is the eager (matmul) kernel, because PyTorch's CPU flash-attention "
+             "kernel is slower in bfloat16 than in float32 at these shapes (a profile of one bf16 step with SDPA: "
+             "attention forward 153 ms + backward 125 ms vs 58 + 28 ms in float32, while the linear layers' matmuls "
+             "halved, 414 -> 229 ms); and the bookkeeping differs (ours writes and reads a Parquet file per step).")
+    L.append("")
+    L.append("TRL commands run (one per round and precision): `" +
+             re.sub(r"/tmp/step_vs_trl_\w+", "$TMP", res["trl_runs"][-1]["cmd"]) + "`")
+    return L
+
+
 def render(args, v, race_res, orch_res, command):
     L = [SECTION, ""]
     L.append(f"`{command}` (bench/step_vs_trl.py; TRL venv: `bash scripts/trl_venv.sh`). One invocation, both sides "
@@ -485,81 +576,7 @@ def render(args, v, race_res, orch_res, command):
              f"ours: torch {v['torch']}, transformers {v['transformers']}, prefect {v['prefect']}, mlflow {v['mlflow']}; "
              f"TRL venv: trl {v['trl']}, torch {v['trl_torch']}, transformers {v['trl_transformers']}")
     if race_res:
-        o, t = race_res["ours"], race_res["trl"]
-        mo, mt = med([s["wall"] for s in o]), med([s["wall"] for s in t])
-        ratio = mo / mt
-        L += ["", "### The race: seconds per GRPO step", ""]
-        L.append(f"Model: Qwen2 hidden 128, 4 layers, 4 heads (4 kv), intermediate 512, untied, character vocabulary "
-                 f"99, {race_res['n_params'] / 1e6:.3f}M parameters, random init (seed 0), built identically on both "
-                 f"sides. Batch: {args.prompts_per_step} prompts x G={args.G}, max {args.max_new_tokens} new tokens, "
-                 f"temperature 1, beta {args.beta} (reference forward included), mu 1, sequence-mean loss (TRL "
-                 f"loss_type grpo), AdamW, grad clip 1.0, float32, no gradient checkpointing. Prompts: TRL `What is a+b? Answer:` "
-                 f"(<= 22 tokens); ours `Question: a+b\\nAnswer:\\n` (problems.datasets.format_prompt, "
-                 f"<= {race_res['prompt_tokens']} tokens), the same a, b. {args.rounds} rounds alternating ours / TRL, "
-                 f"{args.steps} steps per side per round, the first {args.warmup} of each round left out: "
-                 f"{len(o)} steps per side. Load average {race_res['load_before']} before, "
-                 f"{race_res['load_after']} after.")
-        L.append("")
-        L.append(f"- **ours {mo:.3f} s/step vs TRL GRPOTrainer {mt:.3f} s/step: ratio ours/TRL = {ratio:.2f}** "
-                 f"(min {min(s['wall'] for s in o):.3f} vs {min(s['wall'] for s in t):.3f}; CPU seconds/step "
-                 f"{med([s['cpu'] for s in o]):.3f} vs {med([s['cpu'] for s in t]):.3f})")
-        infl = max(mo / med([s["cpu"] for s in o]), mt / med([s["cpu"] for s in t]))
-        if infl > 1.2:
-            L.append(f"- CAUTION: wall time is up to {infl:.1f}x the CPU time on one side (machine load): the wall "
-                     f"figures are inflated by other jobs; the CPU seconds/step ratio "
-                     f"{med([s['cpu'] for s in o]) / med([s['cpu'] for s in t]):.2f} is the steadier comparison")
-        per_round = []
-        n = args.steps - args.warmup
-        for r in range(args.rounds):
-            a = med([s["wall"] for s in o[r * n:(r + 1) * n]])
-            b = med([s["wall"] for s in t[r * n:(r + 1) * n]])
-            per_round.append(f"round {r + 1}: {a:.3f} vs {b:.3f} ({a / b:.2f})")
-        L.append("- per round (median ours vs TRL, ratio): " + "; ".join(per_round))
-        L.append(f"- mean completion length: ours {statistics.mean(s['mean_len'] for s in o):.1f}, TRL "
-                 f"{statistics.mean(s.get('completions/mean_length', float('nan')) for s in t):.1f} tokens "
-                 f"(EOS has ~1% chance per token at random init on both; generate runs all {args.max_new_tokens} "
-                 f"steps and the update tensors are {args.max_new_tokens} wide on both sides)")
-        L.append("")
-        L.append("Where the time goes (medians of each phase, s; % of the median step):")
-        L.append("")
-        L.append("| phase | ours | TRL |")
-        L.append("|---|---|---|")
-
-        def row(name, ko, kt):
-            a = med([s[ko] for s in o]) if ko else None
-            b = med([s[kt] for s in t]) if kt else None
-            fa = f"{a:.3f} ({pct(a, mo)})" if a is not None else "-"
-            fb = f"{b:.3f} ({pct(b, mt)})" if b is not None else "-"
-            L.append(f"| {name} | {fa} | {fb} |")
-
-        row("generation (generate + sampler log-probs)", "generate", "generate")
-        L.append(f"| rollout bookkeeping: ours Parquet write + verifier + advantages + read back; TRL decode, "
-                 f"rewards, advantages, padding | {med([s['sample_rest'] + s['score'] + s['adv_read'] for s in o]):.3f} "
-                 f"({pct(med([s['sample_rest'] + s['score'] + s['adv_read'] for s in o]), mo)}) | "
-                 f"{med([s['prepare_other'] for s in t]):.3f} ({pct(med([s['prepare_other'] for s in t]), mt)}) |")
-        row("reference forward (no grad)", "ref_fwd", "ref_fwd")
-        row("policy forward (+ loss for TRL: compute_loss)", "policy_fwd", "loss_fwd")
-        L.append(f"| backward + grad clip + AdamW (ours: AdamW alone {med([s['adamw'] for s in o]):.3f}) | "
-                 f"{med([s['bwd_loss_clip'] + s['adamw'] for s in o]):.3f} "
-                 f"({pct(med([s['bwd_loss_clip'] + s['adamw'] for s in o]), mo)}) | "
-                 f"{med([s['bwd_opt'] for s in t]):.3f} ({pct(med([s['bwd_opt'] for s in t]), mt)}) |")
-        L.append("")
-        L.append("Ours, by stage: sample_groups " + f"{med([s['sample'] for s in o]):.3f}, score_rollouts "
-                 f"{med([s['score'] for s in o]):.3f}, compute_advantages + read_update_batch "
-                 f"{med([s['adv_read'] for s in o]):.3f}, grpo_update {med([s['update'] for s in o]):.3f} s. "
-                 f"TRL: its _prepare_inputs (generation, reference forward, rewards) "
-                 f"{med([s['prepare'] for s in t]):.3f}, training_step rest (loss forward, backward, optimizer) "
-                 f"{med([s['train'] for s in t]):.3f} s.")
-        L.append("")
-        L.append("Reading: both sides spend ~95% of the step in the same model arithmetic (generation, reference forward, "
-                 "policy forward, backward), phase for phase within ~10%; a cProfile of our step (run separately) puts "
-                 "~80% of its CPU time in torch linear + autograd backward, i.e. the step is compute-bound in float32 "
-                 "matmuls at the same FLOPs as TRL, and the pipeline's own bookkeeping (Parquet, verifier, advantages) is "
-                 "~3%. A ratio <= 0.5 needs less arithmetic per step, not less overhead: e.g. bfloat16 matmuls (this CPU "
-                 "has avx512_bf16; a [3584,128]x[128,512] linear at 1 thread ran 35 GFLOP/s in float32 vs 90 in "
-                 "bfloat16, measured separately under the same load).")
-        L.append("")
-        L.append("TRL commands run (one per round): `" + re.sub(r"/tmp/step_vs_trl_\w+", "$TMP", race_res["trl_runs"][0]["cmd"]) + "`")
+        L += race_lines(args, race_res)
     if orch_res:
         pl, fw = orch_res["plain"], orch_res["flow"]
         mp, mf = med(pl), med(fw)
@@ -617,8 +634,9 @@ def main():
     v = versions(args)
     race_res = None if args.skip_race else race(args)
     if race_res:
-        mo, mt = med([s["wall"] for s in race_res["ours"]]), med([s["wall"] for s in race_res["trl"]])
-        print(f"RACE ours {mo:.3f} s/step, TRL {mt:.3f} s/step, ratio {mo / mt:.2f}", flush=True)
+        for p in PRECISIONS:
+            mo, mt = med([s["wall"] for s in race_res[f"ours_{p}"]]), med([s["wall"] for s in race_res[f"trl_{p}"]])
+            print(f"RACE {p}: ours {mo:.3f} s/step, TRL {mt:.3f} s/step, ratio {mo / mt:.2f}", flush=True)
     orch_res = None if args.skip_flow else orchestration(args)
     if orch_res:
         mp, mf = med(orch_res["plain"]), med(orch_res["flow"])

@@ -36,7 +36,23 @@ class ModelConfig(_Section):
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:1", ...')
     trust_remote_code: bool = False
     seed: int = 0
+    autocast: Literal["none", "bfloat16", "float16"] = Field("none", description=(
+        "matmuls of sampling, the update and SFT under torch.autocast in this dtype; weights, optimizer "
+        "and log-softmax stay in model.dtype / float32"))
+    attn_implementation: str | None = Field(None, description=(
+        'transformers attention kernel: "sdpa", "eager", "flash_attention_2", ...; default: the model\'s'))
     tiny: TinyModelConfig = TinyModelConfig()
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `models.loading.load_policy` for this config."""
+        return dict(dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
+                    attn_implementation=self.attn_implementation)
+
+    def compute(self):
+        """The autocast context the policy's forward and backward passes run in."""
+        from models.loading import matmul_autocast
+
+        return matmul_autocast(self.device, self.autocast)
 
 
 class ArithmeticConfig(_Section):
@@ -145,12 +161,15 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, gt=0)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    examples: int | None = Field(None, gt=0, description=(
+        "worked solutions SFT learns from (the first N of the train split; default: all). RL needs only "
+        "the final answers, so it draws its questions from the whole split"))
 
 
 class ControlConfig(_Section):
     """A control that shows RL is doing the work: the same wall time spent continuing SFT."""
 
-    sft_same_time: bool = Field(False, description="after RL, continue SFT from the same start for RL's wall time")
+    sft_same_time: bool = Field(False, description="after RL, continue SFT (same worked solutions) from the same start for RL's CPU time")
 
 
 class TrackingConfig(_Section):

@@ -138,7 +138,7 @@ def _trim(row: list[int], eos_ids: set[int], stop_len: int | None = None,
     return Completion(row, False, logprobs, FINISH_LENGTH)
 
 
-def _generation_config(*, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, n: int,
+def _generation_config(*, greedy: bool, temperature: float, top_p: float, max_new_tokens: int,
                        pad_id: int, eos_ids: list[int]) -> GenerationConfig:
     """Everything explicit and neutral, so a model's shipped generation_config (Qwen's top_k=20,
     repetition_penalty=1.05, ...) cannot silently change what is sampled."""
@@ -146,8 +146,24 @@ def _generation_config(*, greedy: bool, temperature: float, top_p: float, max_ne
                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
     if greedy:
         return GenerationConfig(do_sample=False, num_return_sequences=1, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n,
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=1,
                             **common)
+
+
+def shared_prompt_cache(model, pb, n: int):
+    """The KV cache of every prompt but its last token, computed once and repeated n times.
+
+    `generate(num_return_sequences=n)` would run the prompt through the model n times; here each
+    prompt is prefilled once and the G samples of a group share it, so generate only feeds the
+    last prompt token (1/n of the prefill arithmetic; 1.45x faster sampling at 8 x 8 rows in the
+    prototype). Returns None when there is no prefix to share (one-token prompts).
+    """
+    if pb.input_ids.shape[1] < 2:
+        return None
+    cache = model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
+                  position_ids=pb.position_ids[:, :-1], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(n)
+    return cache
 
 
 @torch.no_grad()
@@ -173,12 +189,16 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: dict[int, list[Completion]] = {}
     gen_cfg = _generation_config(greedy=greedy, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 n=n, pad_id=pad_id, eos_ids=sorted(eos_ids))
+                                 pad_id=pad_id, eos_ids=sorted(eos_ids))
     fork_devices = [device] if device.type == "cuda" else []
     for call, start in enumerate(range(0, len(order), per_call)):
         idx = order[start:start + per_call]
         rows_in = [prompt_ids[i] for i in idx for _ in range(reps)]
         pb = pack(rows_in, [[] for _ in rows_in], pad_id, device)
+        cache = None if greedy or n == 1 else shared_prompt_cache(model, pb, n)
+        ids, attn = pb.input_ids, pb.attention_mask
+        if not greedy and n > 1:
+            ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         processors = LogitsProcessorList()
         recorder = _RawLogprobRecorder() if return_logprobs else None
         if recorder is not None:
@@ -186,14 +206,14 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         stopping = StoppingCriteriaList()
         stop = None
         if stop_marker:
-            stop = AnswerLineStop(tokenizer, stop_marker, pb.input_ids.shape[1], len(idx) * n)
+            stop = AnswerLineStop(tokenizer, stop_marker, ids.shape[1], len(idx) * n)
             stopping.append(stop)
         with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed * 1_000_003 + call)
-            out = model.generate(input_ids=pb.input_ids, attention_mask=pb.attention_mask, generation_config=gen_cfg,
+            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, cache=cache,
                                  logits_processor=processors, stopping_criteria=stopping)
-        new_t = out[:, pb.input_ids.shape[1]:]
+        new_t = out[:, ids.shape[1]:]
         new = new_t.tolist()
         lps = recorder.finish(out).tolist() if recorder is not None else None
         for k, i in enumerate(idx):

@@ -5,6 +5,8 @@ a hub model (`Qwen/Qwen2.5-0.5B`) or a user's local checkpoint.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,17 +23,31 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
-                   trust_remote_code: bool = False) -> PreTrainedModel:
+                   trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None
+        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None, **extra
     )
     return model.to(device)
 
 
-def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
-                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+                attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation)
     return model, tokenizer
+
+
+def matmul_autocast(device: str, dtype: str) -> AbstractContextManager:
+    """torch.autocast for `dtype` ("none": no autocast) on `device`'s type.
+
+    On a CPU with bfloat16 matmul units (avx512_bf16, AMX) this halves the time of the linear layers;
+    PyTorch's CPU flash-attention kernel is slower in bfloat16 than in float32, so pair it with
+    `attn_implementation: eager` there (BENCHMARKS.md, the GRPO step race).
+    """
+    if dtype == "none":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])

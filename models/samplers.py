@@ -3,10 +3,10 @@
 One small protocol, two implementations picked by `sampling.backend`:
 
 - `hf` (`HFSampler`, here): transformers `generate`, CPU or GPU, batched (prompts sorted by length
-  and cut into calls of `batch_size` rows, `num_return_sequences=G`), left padding, KV cache,
-  temperature / top_p / max_new_tokens, stops at EOS and (with `stop_marker`) at the end of the
-  answer line, seeded. It wraps a live model, so a trainer that updates that model in place needs
-  no weight transfer at all.
+  and cut into calls of `batch_size` rows, each prompt prefilled once and its KV cache shared by
+  its G samples), left padding, temperature / top_p / max_new_tokens, stops at EOS and (with
+  `stop_marker`) at the end of the answer line, seeded. It wraps a live model, so a trainer that
+  updates that model in place needs no weight transfer at all.
 - `vllm` (`models.vllm_sampler.VLLMSampler`): `vllm.LLM` with `SamplingParams(n=G)`, imported
   lazily; new weights are pushed into the live engine after each policy update.
 

@@ -39,6 +39,12 @@ def encode_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], li
     return [(p, t + [tokenizer.eos_token_id]) for p, t in zip(prompts, targets)]
 
 
+def sft_examples(cfg: PipelineConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The worked solutions SFT (and the SFT control) may learn from: the first `sft.examples`."""
+    train_path, _ = prepare_data(cfg)
+    return encode_examples(tokenizer, read_problems(train_path)[: cfg.sft.examples])
+
+
 def _sft_dir(cfg: PipelineConfig) -> Path:
     return cfg.artifacts() / "sft" / cfg.section_hash("model", "data", "sft")
 
@@ -64,14 +70,14 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
         source = str(tmp)
     else:
         source = cfg.model.policy
-    model, tok = load_policy(source, dtype=cfg.model.dtype, device=cfg.model.device,
-                             trust_remote_code=cfg.model.trust_remote_code)
-    train_path, _ = prepare_data(cfg)
-    examples = encode_examples(tok, read_problems(train_path))
+    model, tok = load_policy(source, **cfg.model.load_kwargs())
+    examples = sft_examples(cfg, tok)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.model.seed)
-    losses = train_sft(model, examples, pad_id=tok.pad_token_id, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                       lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps, seed=cfg.model.seed, on_step=progress)
+    with cfg.model.compute():
+        losses = train_sft(model, examples, pad_id=tok.pad_token_id, steps=cfg.sft.steps,
+                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps,
+                           seed=cfg.model.seed, on_step=progress)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "sft.json").write_text(json.dumps({
@@ -108,19 +114,18 @@ def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Pa
     number of steps the warm start's measured speed fits into `seconds`, so the control anneals
     as a planned run of that length would.
     """
-    model, tok = load_policy(str(start), dtype=cfg.model.dtype, device=cfg.model.device,
-                             trust_remote_code=cfg.model.trust_remote_code)
+    model, tok = load_policy(str(start), **cfg.model.load_kwargs())
     meta_path = Path(start) / "sft.json"
     rate = None
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         rate = meta["steps"] / meta["seconds"] if meta.get("seconds") else None
     steps = max(1, int(seconds * rate)) if rate else max(1, cfg.sft.steps)
-    train_path, _ = prepare_data(cfg)
     torch.manual_seed(cfg.model.seed + 1)
-    losses = train_sft(model, encode_examples(tok, read_problems(train_path)), pad_id=tok.pad_token_id, steps=steps,
-                       batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
-                       max_seconds=seconds, clock=time.process_time)
+    with cfg.model.compute():
+        losses = train_sft(model, sft_examples(cfg, tok), pad_id=tok.pad_token_id, steps=steps,
+                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
+                           max_seconds=seconds, clock=time.process_time)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,

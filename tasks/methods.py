@@ -51,12 +51,13 @@ def method_update(cfg: PipelineConfig, run_id: str, policy_ckpt: str, reference_
         vm, vopt = value_model_for(cfg, run_id, model)
     g = cfg.grpo
     batch = method_data.read_method_batch(rollout_path, 1 if method == "sft" else cfg.sampling.group_size)
-    metrics = run_method_update(
-        model, optimizer, batch, method, pad_id=tokenizer.pad_token_id, ref_model=ref, value_model=vm,
-        value_optimizer=vopt, beta=g.beta, dpo_beta=cfg.dpo.beta, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-        value_clip=cfg.ppo.value_clip, whiten_advantages=cfg.ppo.whiten_advantages, eps_low=g.eps_low,
-        eps_high=g.eps_high, aggregation=g.aggregation, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
-        seed=seed)
+    with cfg.model.compute():
+        metrics = run_method_update(
+            model, optimizer, batch, method, pad_id=tokenizer.pad_token_id, ref_model=ref, value_model=vm,
+            value_optimizer=vopt, beta=g.beta, dpo_beta=cfg.dpo.beta, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+            value_clip=cfg.ppo.value_clip, whiten_advantages=cfg.ppo.whiten_advantages, eps_low=g.eps_low,
+            eps_high=g.eps_high, aggregation=g.aggregation, grad_clip=g.grad_clip,
+            micro_batch_size=g.micro_batch_size, seed=seed)
     if vm is not None:
         metrics.update(value_model_size(vm))
     if save:

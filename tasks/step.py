@@ -27,9 +27,10 @@ def sample_groups(cfg: PipelineConfig, run_id: str, iteration: int, step: int, p
                   questions: list[dict], out_path: str) -> str:
     model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
     sampler = WORKSPACE.sampler_for(cfg, model, tokenizer)
-    return str(sampling.sample_groups(policy_ckpt, questions, cfg.sampling, cfg.model.seed * 100_003 + step,
-                                      out_path=Path(out_path), run_id=run_id, policy_checkpoint=policy_ckpt,
-                                      sampler=sampler))
+    with cfg.model.compute():
+        return str(sampling.sample_groups(policy_ckpt, questions, cfg.sampling, cfg.model.seed * 100_003 + step,
+                                          out_path=Path(out_path), run_id=run_id, policy_checkpoint=policy_ckpt,
+                                          sampler=sampler))
 
 
 @task(cache_key_fn=stage_key("score"), retries=2, retry_delay_seconds=2, **_PERSISTED)
@@ -55,10 +56,11 @@ def grpo_update(cfg: PipelineConfig, policy_ckpt: str, reference_ckpt: str, roll
     model, tokenizer, optimizer = WORKSPACE.policy_at(policy_ckpt, cfg)
     ref = WORKSPACE.reference_at(reference_ckpt, cfg) if cfg.grpo.beta > 0 else None
     g = cfg.grpo
-    metrics = run_grpo_update(model, optimizer, advantages.read_update_batch(Path(rollout_path)),
-                              pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
-                              eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
-                              grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
+    with cfg.model.compute():
+        metrics = run_grpo_update(model, optimizer, advantages.read_update_batch(Path(rollout_path)),
+                                  pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
+                                  eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
+                                  grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
     if save:
         save_checkpoint(model, tokenizer, out_ckpt, optimizer)
     WORKSPACE.policy_moved_to(out_ckpt)

@@ -31,8 +31,7 @@ class Workspace:
         self.reward_models: dict[str, tuple[str, object]] = {}
 
     def _load(self, ckpt: str, cfg: PipelineConfig):
-        return load_policy(str(ckpt), dtype=cfg.model.dtype, device=cfg.model.device,
-                           trust_remote_code=cfg.model.trust_remote_code)
+        return load_policy(str(ckpt), **cfg.model.load_kwargs())
 
     def policy_at(self, ckpt: str | Path, cfg: PipelineConfig):
         """(model, tokenizer, optimizer) at `ckpt`; the optimizer state comes back when saved there."""
