@@ -74,8 +74,8 @@ def write_atomic(table: pa.Table, path: str | Path) -> Path:
     return path
 
 
-def read_rollouts(path: str | Path) -> pa.Table:
-    return pq.read_table(path)
+def read_rollouts(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
 
 
 def add_columns(path: str | Path, columns: dict[str, pa.Array]) -> Path:

@@ -9,7 +9,7 @@ from stages.rollout_store import read_rollouts
 
 
 def rollout_metrics(rollout_path: str | Path, group_size: int) -> dict[str, float]:
-    t = read_rollouts(rollout_path)
+    t = read_rollouts(rollout_path, ["reward", "completion_length", "advantages", "correct", "truncated"])
     reward = torch.tensor(t.column("reward").to_pylist(), dtype=torch.float64)
     groups = reward.view(-1, group_size)
     lengths = torch.tensor(t.column("completion_length").to_pylist(), dtype=torch.float64)

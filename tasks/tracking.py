@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -17,7 +18,12 @@ RUN_TAG = "pipeline_run_id"
 
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=cfg.mlflow_uri())
+    return _client(cfg.mlflow_uri())
+
+
+@lru_cache(maxsize=8)
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
