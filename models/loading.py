@@ -50,4 +50,7 @@ def matmul_autocast(device: str, dtype: str) -> AbstractContextManager:
     """
     if dtype == "none":
         return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
+    # No weight cache: autocast keeps the low-precision copy of each weight for as long as the context
+    # is open, so a context around a training loop (SFT) or mu > 1 inner updates would keep computing
+    # with the weights of its first forward pass and never see the optimizer's steps.
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype], cache_enabled=False)

@@ -92,3 +92,24 @@ def test_an_update_increases_the_advantage_weighted_likelihood(tiny):
     before = objective()
     grpo_update(m, torch.optim.SGD(m.parameters(), lr=1e-2), batch, pad_id=tok.pad_token_id, beta=0.0, grad_clip=1e9)
     assert objective() > before
+
+
+def test_autocast_context_sees_every_optimizer_step(tiny_dir):
+    """model.autocast wraps whole loops (SFT, mu > 1 updates): each forward inside one open context
+    must use the weights as they are now, not a low-precision copy cached at the first forward."""
+    from configs.schema import ModelConfig
+    from models.loading import load_policy
+
+    mcfg = ModelConfig(autocast="bfloat16", attn_implementation="eager")
+    model, tok = load_policy(str(tiny_dir), **mcfg.load_kwargs())
+    ids = torch.tensor([tok("Question: 3+4\nAnswer:\n")["input_ids"]])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with mcfg.compute():
+        before = model(input_ids=ids).logits.float()
+        before.logsumexp(-1).sum().backward()
+        opt.step()
+        after = model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        fresh = model(input_ids=ids).logits  # float32, outside autocast, with the stepped weights
+    assert before.dtype == torch.float32 and not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, atol=0.1, rtol=0.05)  # bf16 rounding only
