@@ -90,7 +90,7 @@ def token_values(value_model, prompt_ids: list[list[int]], completion_ids: list[
         if parts:
             rows = torch.cat([r for r, _, _ in parts])
             cols = torch.cat([c for _, c, _ in parts])
-            vals = torch.cat([v for _, _, v in parts])
+            vals = torch.cat([v for _, _, v in parts]).float()  # bf16 under model.autocast
             out = out.index_put((rows, cols), vals)
     return out
 

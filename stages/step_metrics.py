@@ -3,27 +3,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from stages.rollout_store import read_rollouts
 
 
 def rollout_metrics(rollout_path: str | Path, group_size: int) -> dict[str, float]:
+    # numpy over Arrow buffers rather than Python lists: this runs in the flow on every step.
     t = read_rollouts(rollout_path, ["reward", "completion_length", "advantages", "correct", "truncated"])
-    reward = torch.tensor(t.column("reward").to_pylist(), dtype=torch.float64)
-    groups = reward.view(-1, group_size)
-    lengths = torch.tensor(t.column("completion_length").to_pylist(), dtype=torch.float64)
-    adv = torch.tensor([a for row in t.column("advantages").to_pylist() for a in row], dtype=torch.float64)
-    correct = torch.tensor(t.column("correct").to_pylist(), dtype=torch.float64)
-    zero_std = (groups.max(dim=1).values == groups.min(dim=1).values).double()
+    reward = t.column("reward").to_numpy().astype(np.float64)
+    groups = reward.reshape(-1, group_size)
+    lengths = t.column("completion_length").to_numpy().astype(np.float64)
+    adv = t.column("advantages").combine_chunks().flatten().to_numpy().astype(np.float64)
+    zero_std = groups.max(axis=1) == groups.min(axis=1)
     return {
-        "reward_mean": reward.mean().item(),
-        "reward_std": reward.std().item() if len(reward) > 1 else 0.0,
-        "accuracy": correct.mean().item(),
-        "zero_std_group_frac": zero_std.mean().item(),
-        "advantage_mean": adv.mean().item() if len(adv) else 0.0,
-        "advantage_abs_mean": adv.abs().mean().item() if len(adv) else 0.0,
-        "completion_length_mean": lengths.mean().item(),
-        "completion_tokens": lengths.sum().item(),
-        "truncation_rate": sum(t.column("truncated").to_pylist()) / max(1, t.num_rows),
+        "reward_mean": float(reward.mean()),
+        "reward_std": float(reward.std(ddof=1)) if len(reward) > 1 else 0.0,
+        "accuracy": float(t.column("correct").to_numpy().mean()),
+        "zero_std_group_frac": float(zero_std.mean()),
+        "advantage_mean": float(adv.mean()) if len(adv) else 0.0,
+        "advantage_abs_mean": float(np.abs(adv).mean()) if len(adv) else 0.0,
+        "completion_length_mean": float(lengths.mean()),
+        "completion_tokens": float(lengths.sum()),
+        "truncation_rate": float(t.column("truncated").to_numpy().mean()) if t.num_rows else 0.0,
     }

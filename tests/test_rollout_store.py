@@ -102,3 +102,23 @@ def test_rollout_tensors_pad_without_retokenising(tmp_path):
     assert torch.allclose(b.old_logprobs[2], torch.tensor([-0.5, -1.0, -1.5, 0.0]))
     assert (b.old_logprobs[~b.mask] == 0).all()
     assert rollout_tensors(read_rollouts(path), width=6).mask.shape == (4, 6)
+
+
+def test_rollout_metrics_by_hand(tmp_path):
+    """Two groups of G=2; every figure below is worked out by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.step_metrics import rollout_metrics
+
+    path = tmp_path / "step=0.parquet"
+    pq.write_table(pa.table({
+        "reward": [1.0, 0.0, 1.0, 1.0], "correct": [True, False, True, True], "completion_length": [2, 1, 3, 2],
+        "truncated": [False, False, True, False],
+        "advantages": pa.array([[0.5, 0.5], [-0.5], [0.0, 0.0, 0.0], [0.0, 0.0]], type=pa.list_(pa.float32())),
+    }), path)
+    m = rollout_metrics(path, group_size=2)
+    assert m == pytest.approx({
+        "reward_mean": 0.75, "reward_std": 0.5, "accuracy": 0.75, "zero_std_group_frac": 0.5,
+        "advantage_mean": 0.5 / 8, "advantage_abs_mean": 1.5 / 8, "completion_length_mean": 2.0,
+        "completion_tokens": 8.0, "truncation_rate": 0.25})
