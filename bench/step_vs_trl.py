@@ -654,8 +654,8 @@ def render(args, v, race_res, orch_res, command):
                  f"the overhead itself from one run to the next; the direct split above does not depend on how fast the work itself ran.")
         L.append(f"- of which MLflow `log_metrics` (one log_batch per step, SQLite) {lm * 1000:.0f} ms, "
                  f"rollout_metrics (re-reads the step's Parquet) {rm * 1000:.0f} ms; Prefect's task machinery "
-                 f"(4 task runs per step, cache-key computation, result persistence) and the state file the rest, "
-                 + (f"~{(ov - lm - rm) * 1000:.0f} ms" if ov > lm + rm else "lost in the step-to-step noise"))
+                 f"(4 task runs per step, cache-key computation, result persistence), the state file, the "
+                 f"checkpoint pruning and the log line the rest of the direct figure, ~{(direct - lm - rm) * 1000:.0f} ms")
         L.append(f"- CPU seconds per step of the bench process: plain {med(orch_res['plain_cpu']):.3f}, flow "
                  f"{med(orch_res['flow_cpu']):.3f} ({(med(orch_res['flow_cpu']) - med(orch_res['plain_cpu'])) * 1000:+.0f} ms "
                  f"in-process); the temporary Prefect server process used "
@@ -672,7 +672,7 @@ def render(args, v, race_res, orch_res, command):
                  f"(the first flow run); per flow run (grpo_iteration incl. its final greedy evaluation on 32 "
                  f"questions and report) total {', '.join(f'{x:.1f}' for x in orch_res['flow_total'])} s")
     L.append("")
-    return "\n".join(L)
+    return "\n".join(L) + "\n"  # a blank line before the next section
 
 
 def write_section(text):
