@@ -167,9 +167,10 @@ class SFTConfig(_Section):
 
 
 class ControlConfig(_Section):
-    """A control that shows RL is doing the work: the same wall time spent continuing SFT."""
+    """A control that shows RL is doing the work: the same CPU time spent continuing SFT."""
 
-    sft_same_time: bool = Field(False, description="after RL, continue SFT (same worked solutions) from the same start for RL's CPU time")
+    sft_same_time: bool = Field(False, description=(
+        "after RL, continue SFT (same worked solutions) from the same start for RL's CPU time"))
 
 
 class TrackingConfig(_Section):
