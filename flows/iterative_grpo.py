@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from configs import PipelineConfig, dump_config
 from flows.cli import config_from_args, config_parser
 from problems.datasets import draw_questions, read_problems
-from stages.checkpoints import copy_checkpoint, read_state, write_state
+from stages.checkpoints import append_step_metrics, copy_checkpoint, read_state, write_state
 from stages.rollout_store import rollout_path
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
@@ -89,7 +89,8 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
         metrics.update(sample_seconds=t1 - t0, score_seconds=t2 - t1, update_step_seconds=t3 - t2,
                        step_seconds=t3 - t0, sample_tokens_per_s=metrics["completion_tokens"] / max(t1 - t0, 1e-9))
         if step > state.get("logged_until", -1):  # a step redone after a crash is logged once
-            tracking.log_metrics(cfg, mlflow_run_id, metrics, step)
+            append_step_metrics(run_dir, step, metrics)  # durable before state.json says the step is done
+            tracking.log_metrics(cfg, mlflow_run_id, metrics, step, synchronous=False)
         logger.info("iter %d step %d/%d | reward %.3f acc %.3f kl %.4f loss %+.4f | %.1fs",
                     iteration, s + 1, M, metrics["reward_mean"], metrics["accuracy"], metrics.get("kl", 0.0),
                     metrics.get("loss", 0.0), metrics["step_seconds"])
@@ -157,7 +158,7 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     else:
         logger.info("resuming run %s after iteration %d step %d", run_id, state["iteration"], state["step"])
         state["policy"] = state["saved_policy"]  # unsaved steps after it are redone
-        state["logged_until"] = tracking.last_logged_step(cfg, mlflow_run_id, "step_seconds")
+        state["logged_until"] = tracking.resume_logging(cfg, mlflow_run_id, run_dir, state["step"])
     if reward_models_needed(cfg) and not state["reward_models"]:
         state["reward_models"], rm_metrics = train_initial_reward_models(cfg, run_id, sft_ckpt, train_path)
         tracking.log_metrics(cfg, mlflow_run_id, rm_metrics, 0, prefix="rm/")

@@ -3,6 +3,7 @@
     <run>/checkpoints/policy/latest/       model (save_pretrained) + optimizer.safetensors + optimizer.json
     <run>/checkpoints/policy/iteration=k/  the policy at the end of iteration k
     <run>/state.json                       the last completed (iteration, step) and what it left behind
+    <run>/step_metrics.jsonl               every step's metrics, the source MLflow is re-filled from
 
 Every directory is written beside its final name and renamed into place, so a crash leaves the
 previous checkpoint intact rather than a half-written one.
@@ -68,6 +69,26 @@ def copy_checkpoint(src: str | Path, out: str | Path) -> Path:
     shutil.copytree(src, tmp)
     _swap_into_place(tmp, out)
     return out
+
+
+def append_step_metrics(run_dir: str | Path, step: int, metrics: dict[str, float]) -> None:
+    """The run's own record of each step's metrics (JSON lines), written before the step counts as done."""
+    with open(Path(run_dir) / "step_metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+
+def read_step_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """{step: metrics}, steps in order; a step redone after a crash keeps its last record, and a line
+    cut short by a crash is skipped."""
+    path = Path(run_dir) / "step_metrics.jsonl"
+    out = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[rec["step"]] = rec["metrics"]
+    return dict(sorted(out.items()))
 
 
 def read_state(run_dir: str | Path) -> dict | None:

@@ -25,6 +25,7 @@ def _curve_png(cfg: PipelineConfig, mlflow_run_id: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tracking.wait_for_logging()
     client = tracking.client_for(cfg)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in [("reward_mean", "train reward (mean)"), ("accuracy", "train accuracy"),

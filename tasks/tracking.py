@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from configs import PipelineConfig, dump_config  # noqa: E402
 
 RUN_TAG = "pipeline_run_id"
+STEP_KEY = "step_seconds"  # logged at every GRPO step: the highest step it has is the last one logged
 
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
@@ -55,19 +56,49 @@ def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -
     return mlflow_run_id
 
 
+_PENDING: list = []  # MLflow RunOperations of asynchronous log_metrics calls not yet waited for
+
+
 def log_metrics(cfg: PipelineConfig, mlflow_run_id: str, metrics: dict[str, float], step: int,
-                prefix: str = "") -> None:
-    """One batch per call (per-metric calls cost ~25 ms each on SQLite); non-finite values dropped."""
+                prefix: str = "", synchronous: bool = True) -> None:
+    """One batch per call (per-metric calls cost ~25 ms each on SQLite); non-finite values dropped.
+
+    `synchronous=False` queues the batch on MLflow's logging thread (~5 ms instead of ~10-15 ms on
+    the step's critical path); a caller that does so keeps its own durable record of the metrics, since
+    a killed process loses the queue (the GRPO flow replays its step-metrics file on resume).
+    """
     ts = int(time.time() * 1000)
     batch = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and math.isfinite(v)]
     for i in range(0, len(batch), 500):
-        client_for(cfg).log_batch(mlflow_run_id, metrics=batch[i:i + 500])
+        ops = client_for(cfg).log_batch(mlflow_run_id, metrics=batch[i:i + 500], synchronous=synchronous)
+        if not synchronous:
+            _PENDING.append(ops)
+
+
+def wait_for_logging() -> None:
+    """Block until every asynchronous `log_metrics` batch is in the store (before reading metrics back)."""
+    while _PENDING:
+        _PENDING.pop(0).wait()
 
 
 def last_logged_step(cfg: PipelineConfig, mlflow_run_id: str, key: str) -> int:
     """The highest step at which `key` was logged (-1 if never): where a resumed run picks up logging."""
+    wait_for_logging()
     return max((m.step for m in client_for(cfg).get_metric_history(mlflow_run_id, key)), default=-1)
+
+
+def resume_logging(cfg: PipelineConfig, mlflow_run_id: str, run_dir: str | Path, done_step: int) -> int:
+    """Re-send the step metrics a killed process had recorded (steps <= `done_step`, the last completed
+    one) but not yet sent to MLflow; returns the last step MLflow now has."""
+    from stages.checkpoints import read_step_metrics
+
+    logged = last_logged_step(cfg, mlflow_run_id, STEP_KEY)
+    for step, metrics in read_step_metrics(run_dir).items():
+        if logged < step <= done_step:
+            log_metrics(cfg, mlflow_run_id, metrics, step)
+            logged = step
+    return logged
 
 
 def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -79,6 +110,7 @@ def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, arti
 
 
 def finish_run(cfg: PipelineConfig, mlflow_run_id: str, status: str = "FINISHED") -> None:
+    wait_for_logging()
     client_for(cfg).set_terminated(mlflow_run_id, status=status)
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from configs import load_config
-from stages.checkpoints import read_state
+from stages.checkpoints import read_state, read_step_metrics
 from stages.rollout_store import open_run
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,11 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
     assert run.data.params["grpo.beta"] == "0.04"
     for key in STEP_METRICS:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2, 3], key
+    # ... sent asynchronously, and each step first recorded in the run's own file (what a resume re-sends)
+    recorded = read_step_metrics(run_dir)
+    assert list(recorded) == [0, 1, 2, 3]
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [v for _, v in losses] == pytest.approx([recorded[s]["loss"] for s in range(4)])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")) == [0, 1, 2, 3, 4]
     replay = client.get_metric_history(run.info.run_id, "rm/outcome_rm/replay_fraction")
     assert [m.step for m in replay] == [2, 4]

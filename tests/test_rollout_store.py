@@ -122,3 +122,4 @@ def test_rollout_metrics_by_hand(tmp_path):
         "reward_mean": 0.75, "reward_std": 0.5, "accuracy": 0.75, "zero_std_group_frac": 0.5,
         "advantage_mean": 0.5 / 8, "advantage_abs_mean": 1.5 / 8, "completion_length_mean": 2.0,
         "completion_tokens": 8.0, "truncation_rate": 0.25})
+
