@@ -652,7 +652,7 @@ def render(args, v, race_res, orch_res, command):
                  f"{100 * (statistics.mean(fw) - statistics.mean(pl)) / statistics.mean(pl):+.1f}%). On this shared "
                  f"2-vCPU machine identical steps vary by +-20% between runs, so this difference moves by more than "
                  f"the overhead itself from one run to the next; the direct split above does not depend on how fast the work itself ran.")
-        L.append(f"- of which MLflow `log_metrics` (one log_batch per step, SQLite) {lm * 1000:.0f} ms, "
+        L.append(f"- of which MLflow `log_metrics` (one log_batch per step, queued for MLflow's logging thread; SQLite) {lm * 1000:.0f} ms, "
                  f"rollout_metrics (re-reads the step's Parquet) {rm * 1000:.0f} ms; Prefect's task machinery "
                  f"(4 task runs per step, cache-key computation, result persistence), the state file, the "
                  f"checkpoint pruning and the log line the rest of the direct figure, ~{(direct - lm - rm) * 1000:.0f} ms")
