@@ -155,8 +155,8 @@ def shared_prompt_cache(model, pb, n: int):
 
     `generate(num_return_sequences=n)` would run the prompt through the model n times; here each
     prompt is prefilled once and the G samples of a group share it, so generate only feeds the
-    last prompt token (1/n of the prefill arithmetic; 1.45x faster sampling at 8 x 8 rows in the
-    prototype). Returns None when there is no prefix to share (one-token prompts).
+    last prompt token (1/n of the prefill arithmetic; generation of 8 x 8 rows, 32 new tokens, went
+    from 0.278 to 0.239 s on this CPU). Returns None when there is no prefix to share (one-token prompts).
     """
     if pb.input_ids.shape[1] < 2:
         return None
