@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from configs import PipelineConfig, dump_config  # noqa: E402
+from stages.checkpoints import read_step_metrics  # noqa: E402
 
 RUN_TAG = "pipeline_run_id"
 STEP_KEY = "step_seconds"  # logged at every GRPO step: the highest step it has is the last one logged
@@ -91,8 +92,6 @@ def last_logged_step(cfg: PipelineConfig, mlflow_run_id: str, key: str) -> int:
 def resume_logging(cfg: PipelineConfig, mlflow_run_id: str, run_dir: str | Path, done_step: int) -> int:
     """Re-send the step metrics a killed process had recorded (steps <= `done_step`, the last completed
     one) but not yet sent to MLflow; returns the last step MLflow now has."""
-    from stages.checkpoints import read_step_metrics
-
     logged = last_logged_step(cfg, mlflow_run_id, STEP_KEY)
     for step, metrics in read_step_metrics(run_dir).items():
         if logged < step <= done_step:
