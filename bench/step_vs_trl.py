@@ -40,8 +40,11 @@ MLflow, PREFECT_HOME in the tmp dir):
   saves), same questions and seeds, called in a plain loop (step 0 left out the same way).
   Both start from the same untrained tiny checkpoint (models.tiny.save_tiny; no SFT needed for timing)
   and are deterministic at 1 thread, so they do identical work (checked: same rewards and lengths).
-Overhead = (flow - plain) / plain per step; MLflow logging and rollout_metrics are timed by wrappers,
-Prefect's task machinery is the rest.
+Overhead, two ways: directly, inside the flow, as each step's wall time minus its four task bodies'
+time (wrapped `task.fn`), which noise in the work itself does not blur; and as the A/B (flow - plain) /
+plain per step, which on a shared machine moves by more than the overhead between runs. MLflow logging
+and rollout_metrics are timed by wrappers; a no-op task with the step tasks' options gives the price
+of one task run.
 
 Writes/replaces the "## GRPO step: this pipeline vs TRL GRPOTrainer" section of BENCHMARKS.md.
 """
@@ -502,9 +505,9 @@ def task_run_cost(n: int = 40) -> float:
     (run-keyed cache key, JSON-persisted result): the fixed price of making a stage a task."""
     from prefect import flow, task
 
-    from tasks.step import _PERSISTED
+    from tasks.keys import PERSISTED
 
-    @task(cache_key_fn=lambda ctx, params: f"bench-noop-{os.getpid()}-{params['i']}", **_PERSISTED)
+    @task(cache_key_fn=lambda ctx, params: f"bench-noop-{os.getpid()}-{params['i']}", **PERSISTED)
     def noop(i: int) -> str:
         return f"step={i}.parquet"
 

@@ -195,9 +195,9 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         idx = order[start:start + per_call]
         rows_in = [prompt_ids[i] for i in idx for _ in range(reps)]
         pb = pack(rows_in, [[] for _ in rows_in], pad_id, device)
-        cache = None if greedy or n == 1 else shared_prompt_cache(model, pb, n)
-        ids, attn = pb.input_ids, pb.attention_mask
-        if not greedy and n > 1:
+        ids, attn, cache = pb.input_ids, pb.attention_mask, None
+        if not greedy and n > 1:  # G samples of a prompt share its prefill
+            cache = shared_prompt_cache(model, pb, n)
             ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         processors = LogitsProcessorList()
         recorder = _RawLogprobRecorder() if return_logprobs else None

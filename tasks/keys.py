@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 INCARNATION_FILE = ".incarnation"
+# What a cached stage persists: its result (paths, small dicts) as JSON, never pickle.
+PERSISTED = dict(persist_result=True, result_serializer="json")
 
 
 def run_incarnation(run_dir: Path) -> str:

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig
 from problems.datasets import read_problems
 from stages import prepare
-from tasks.keys import stage_key
+from tasks.keys import PERSISTED, stage_key
 from tasks.workspace import WORKSPACE
 
 
@@ -40,7 +40,7 @@ def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str) -> di
     return prepare.greedy_accuracy(model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens)
 
 
-@task(cache_key_fn=stage_key("sft-control"), persist_result=True, result_serializer="json")
+@task(cache_key_fn=stage_key("sft-control"), **PERSISTED)
 def sft_control(cfg: PipelineConfig, run_id: str, initial_policy: str, seconds: float) -> str:
     """Continue SFT from the RL run's starting point for RL's wall time (the control)."""
     out = cfg.artifacts() / "runs" / run_id / "checkpoints" / "control_sft"

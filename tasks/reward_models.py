@@ -12,11 +12,10 @@ from prefect import task
 from configs import PipelineConfig
 from problems.datasets import draw_questions, read_problems
 from stages import reward_training, sampling
-from tasks.keys import stage_key
+from tasks.keys import PERSISTED, stage_key
 from tasks.workspace import WORKSPACE
 
 KINDS = {"outcome_rm": "outcome", "process_rm": "process"}
-_PERSISTED = dict(persist_result=True, result_serializer="json")
 
 
 def reward_models_needed(cfg: PipelineConfig) -> list[str]:
@@ -28,7 +27,7 @@ def _run_root(cfg: PipelineConfig, run_id: str) -> Path:
     return cfg.artifacts() / "runs" / run_id
 
 
-@task(cache_key_fn=stage_key("initial-reward-models"), **_PERSISTED)
+@task(cache_key_fn=stage_key("initial-reward-models"), **PERSISTED)
 def train_initial_reward_models(cfg: PipelineConfig, run_id: str, sft_ckpt: str,
                                 train_path: str) -> tuple[dict[str, str], dict[str, float]]:
     """Before RL: sample the SFT policy, label by ground truth, train each learned RM on it."""
@@ -51,7 +50,7 @@ def train_initial_reward_models(cfg: PipelineConfig, run_id: str, sft_ckpt: str,
     return paths, metrics
 
 
-@task(cache_key_fn=stage_key("retrain-reward-models"), **_PERSISTED)
+@task(cache_key_fn=stage_key("retrain-reward-models"), **PERSISTED)
 def retrain_reward_models(cfg: PipelineConfig, run_id: str, iteration: int,
                           reward_models: dict[str, str]) -> tuple[dict[str, str], dict[str, float]]:
     """After RL iteration `iteration`: continue each RM on its rollouts plus a replay of history."""

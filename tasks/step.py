@@ -16,13 +16,12 @@ from configs import PipelineConfig
 from models.trainer import grpo_update as run_grpo_update
 from stages import advantages, rewards, sampling
 from stages.checkpoints import save_checkpoint
-from tasks.keys import stage_key
+from tasks.keys import PERSISTED, stage_key
 from tasks.workspace import WORKSPACE
 
-_PERSISTED = dict(persist_result=True, result_serializer="json")
 
 
-@task(cache_key_fn=stage_key("sample"), retries=2, retry_delay_seconds=2, **_PERSISTED)
+@task(cache_key_fn=stage_key("sample"), retries=2, retry_delay_seconds=2, **PERSISTED)
 def sample_groups(cfg: PipelineConfig, run_id: str, iteration: int, step: int, policy_ckpt: str,
                   questions: list[dict], out_path: str) -> str:
     model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
@@ -33,7 +32,7 @@ def sample_groups(cfg: PipelineConfig, run_id: str, iteration: int, step: int, p
                                           sampler=sampler))
 
 
-@task(cache_key_fn=stage_key("score"), retries=2, retry_delay_seconds=2, **_PERSISTED)
+@task(cache_key_fn=stage_key("score"), retries=2, retry_delay_seconds=2, **PERSISTED)
 def score_rollouts(cfg: PipelineConfig, run_id: str, iteration: int, step: int, rollout_path: str,
                    reward_models: dict[str, str]) -> str:
     models = {name: WORKSPACE.reward_model_at(name, path, cfg) for name, path in reward_models.items()}
@@ -41,7 +40,7 @@ def score_rollouts(cfg: PipelineConfig, run_id: str, iteration: int, step: int, 
                                       tokenizer=WORKSPACE.tokenizer, device=cfg.model.device))
 
 
-@task(cache_key_fn=stage_key("advantages"), **_PERSISTED)
+@task(cache_key_fn=stage_key("advantages"), **PERSISTED)
 def compute_advantages(cfg: PipelineConfig, run_id: str, iteration: int, step: int, rollout_path: str) -> str:
     return str(advantages.compute_advantages(
         Path(rollout_path), supervision=cfg.reward.supervision, group_size=cfg.sampling.group_size,
