@@ -142,6 +142,12 @@ class IterationsConfig(_Section):
     steps_per_iteration: int = Field(50, gt=0, description="M: GRPO steps per iteration")
     questions_per_step: int = Field(8, gt=0)
     eval_every: int = Field(25, gt=0)
+    # Pass@K / Maj@K at each evaluation (DeepSeekMath section 5.2.2): RL tends to lift Maj@K towards
+    # Pass@K, so their gap to greedy accuracy is the headroom sharpening alone can give.
+    eval_samples: int = Field(8, ge=0, description="K samples per question (at sampling.temperature) for Pass@K "
+                                                   "and Maj@K at each evaluation; 0: greedy accuracy only")
+    eval_sample_questions: int = Field(64, ge=0, description="how many held-out questions (the first ones) get "
+                                                             "the K samples; greedy accuracy uses all of them")
     checkpoint_every: int = Field(1, gt=0)
 
 

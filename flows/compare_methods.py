@@ -40,8 +40,8 @@ from problems.datasets import draw_questions
 from stages import method_data
 from stages.rollout_store import rollout_path
 from tasks import tracking
-from tasks.methods import drop_value_model, evaluate_full, method_update
-from tasks.prepare import build_initial_policy, prepare_data
+from tasks.methods import drop_value_model, method_update
+from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data
 from tasks.step import compute_advantages, grpo_update, sample_groups, score_rollouts
 from tasks.workspace import WORKSPACE
 
@@ -101,7 +101,7 @@ def _child_run(cfg: PipelineConfig, parent_id: str, method: str, compare_id: str
 
 
 def _eval(cfg, ckpt, test_path, ev_args) -> dict:
-    return evaluate_full(cfg, ckpt, test_path, **ev_args)
+    return evaluate_policy(cfg, ckpt, test_path, **ev_args)
 
 
 @flow(name="method-run", flow_run_name="method-{method}")

@@ -116,7 +116,7 @@ def grpo_iteration(config: PipelineConfig, run_id: str, iteration: int, state: d
     final = copy_checkpoint(state["policy"], ckpt_dir / "policy" / f"iteration={iteration}")
     ev = evaluate_policy(cfg, str(final), test_path)
     tracking.log_metrics(cfg, mlflow_run_id, ev, (iteration + 1) * M, prefix="eval/")
-    logger.info("iteration %d done: greedy accuracy %.3f", iteration, ev["accuracy"])
+    logger.info("iteration %d done: %s", iteration, eval_line(ev))
     iteration_report(cfg, run_id, iteration, mlflow_run_id, ev)
     state.update(iteration=iteration + 1, step=(iteration + 1) * M - 1, policy=str(final), saved_policy=str(final))
     write_state(run_dir, state)
@@ -150,10 +150,10 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     if state is None:
         ev = evaluate_policy(cfg, sft_ckpt, test_path)
         tracking.log_metrics(cfg, mlflow_run_id, ev, 0, prefix="eval/")
-        logger.info("initial policy: greedy accuracy %.3f on %d held-out questions", ev["accuracy"], ev["n"])
+        logger.info("initial policy: %s", eval_line(ev))
         state = {"run_id": run_id, "iteration": 0, "step": -1, "policy": sft_ckpt, "saved_policy": sft_ckpt,
-                 "initial_policy": sft_ckpt,
-                 "initial_accuracy": ev["accuracy"], "reward_models": {}}
+                 "initial_policy": sft_ckpt, "initial_accuracy": ev["accuracy"], "initial_eval": ev,
+                 "reward_models": {}}
         write_state(run_dir, state)
     else:
         logger.info("resuming run %s after iteration %d step %d", run_id, state["iteration"], state["step"])
@@ -170,10 +170,11 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     final = evaluate_policy(cfg, state["policy"], test_path)
     summary = {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "initial_accuracy": state["initial_accuracy"],
                "final_accuracy": final["accuracy"], "policy": state["policy"], "run_dir": str(run_dir),
-               "rl_seconds": state.get("rl_seconds", 0.0), "rl_cpu_seconds": state.get("rl_cpu_seconds", 0.0)}
+               "rl_seconds": state.get("rl_seconds", 0.0), "rl_cpu_seconds": state.get("rl_cpu_seconds", 0.0),
+               "sampled": sampled_summary(state.get("initial_eval", {}), final)}
     report = (f"# Run {run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT) -> "
               f"{summary['final_accuracy']:.3f} after {cfg.loop.iterations} iteration(s) "
-              f"({summary['rl_seconds']:.0f} s of RL).\n")
+              f"({summary['rl_seconds']:.0f} s of RL){summary['sampled']}.\n")
     if cfg.control.sft_same_time:
         control = sft_control(cfg, run_id, state["initial_policy"], summary["rl_cpu_seconds"])
         ev = evaluate_policy(cfg, control, test_path)
@@ -187,6 +188,25 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     return summary
 
 
+def eval_line(ev: dict) -> str:
+    """One evaluation in words, for the log."""
+    k = int(ev.get("sample_k", 0))
+    sampled = (f"; Maj@{k} {ev[f'maj_at_{k}']:.3f}, Pass@{k} {ev[f'pass_at_{k}']:.3f} on the first "
+               f"{int(ev['sample_questions'])}") if k else ""
+    return f"greedy accuracy {ev['accuracy']:.3f} on {ev['n']} held-out questions{sampled}"
+
+
+def sampled_summary(before: dict, after: dict) -> str:
+    """'; Maj@K a -> b, Pass@K c -> d (N questions, K samples each)' from two evaluations, or ''
+    when they have no sampled metrics (loop.eval_samples == 0, or a run started before they existed)."""
+    k = int(after.get("sample_k", 0))
+    keys = (f"maj_at_{k}", f"pass_at_{k}")
+    if not k or any(key not in before or key not in after for key in keys):
+        return ""
+    return (f"; Maj@{k} {before[keys[0]]:.3f} -> {after[keys[0]]:.3f}, Pass@{k} {before[keys[1]]:.3f} -> "
+            f"{after[keys[1]]:.3f} ({int(after['sample_questions'])} questions, {k} samples each)")
+
+
 def print_summary(cfg: PipelineConfig, summary: dict) -> None:
     root = cfg.artifacts()
     control = ""
@@ -195,7 +215,7 @@ def print_summary(cfg: PipelineConfig, summary: dict) -> None:
                    f"same start reach {summary['control_sft_accuracy']:.3f}")
     print(f"""
 Held-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT policy) -> {summary['final_accuracy']:.3f} \
-after {summary['rl_seconds']:.0f} s of RL{control}
+after {summary['rl_seconds']:.0f} s of RL{summary['sampled']}{control}
   rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration)
   checkpoints:  {summary['run_dir']}/checkpoints/
   MLflow run:   {summary['mlflow_run_id']} in {cfg.mlflow_uri()}

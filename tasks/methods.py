@@ -5,8 +5,6 @@ as for GRPO; PPO's value model and its optimizer are kept here, per method run, 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -15,8 +13,7 @@ from configs import PipelineConfig
 from models.method_update import method_update as run_method_update
 from models.method_update import value_model_size
 from models.reward_model import ValueHeadRewardModel
-from problems.datasets import read_problems
-from stages import evaluation, method_data
+from stages import method_data
 from stages.checkpoints import save_checkpoint
 from tasks.workspace import WORKSPACE
 
@@ -64,13 +61,3 @@ def method_update(cfg: PipelineConfig, run_id: str, policy_ckpt: str, reference_
         save_checkpoint(model, tokenizer, out_ckpt, optimizer)
     WORKSPACE.policy_moved_to(out_ckpt)
     return out_ckpt, metrics
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate_full(cfg: PipelineConfig, policy_ckpt: str, test_path: str, k: int = 8, sample_questions: int = 64,
-                  temperature: float = 1.0) -> dict:
-    """Greedy accuracy on the held-out split, Pass@K and Maj@K on its first `sample_questions`."""
-    model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
-    problems = read_problems(Path(test_path))[: cfg.data.test_size]
-    return evaluation.evaluate(model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens, k=k,
-                               temperature=temperature, sample_questions=sample_questions, seed=cfg.model.seed)

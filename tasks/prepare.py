@@ -1,4 +1,4 @@
-"""Prefect tasks before RL: data splits, the SFT warm start, greedy evaluation."""
+"""Prefect tasks around RL: data splits, the SFT warm start, held-out evaluation, the SFT control."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig
 from problems.datasets import read_problems
-from stages import prepare
+from stages import evaluation, prepare
 from tasks.keys import PERSISTED, stage_key
 from tasks.workspace import WORKSPACE
 
@@ -33,11 +33,18 @@ def build_initial_policy(cfg: PipelineConfig) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str) -> dict:
-    """Greedy accuracy of the policy at `policy_ckpt` on the held-out split."""
+def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str, k: int | None = None,
+                    sample_questions: int | None = None, temperature: float | None = None) -> dict:
+    """Greedy accuracy of the policy at `policy_ckpt` on the held-out split; Pass@K and Maj@K on its
+    first `sample_questions` (defaults: `loop.eval_samples`, `loop.eval_sample_questions`,
+    `sampling.temperature`)."""
     model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
     problems = read_problems(Path(test_path))[: cfg.data.test_size]
-    return prepare.greedy_accuracy(model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens)
+    return evaluation.evaluate(
+        model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens,
+        k=cfg.loop.eval_samples if k is None else k,
+        sample_questions=cfg.loop.eval_sample_questions if sample_questions is None else sample_questions,
+        temperature=cfg.sampling.temperature if temperature is None else temperature, seed=cfg.model.seed)
 
 
 @task(cache_key_fn=stage_key("sft-control"), **PERSISTED)

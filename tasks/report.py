@@ -59,10 +59,13 @@ def iteration_report(cfg: PipelineConfig, run_id: str, iteration: int, mlflow_ru
     dataset = mlflow.data.from_pandas(flat, source=source, name=f"rollouts-iteration-{iteration}")
     client.log_inputs(mlflow_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                             tags=[InputTag("mlflow.data.context", "training")])])
+    k = int(evaluation.get("sample_k", 0))
+    sampled = (f"| held-out Maj@{k} / Pass@{k} (first {int(evaluation['sample_questions'])}) | "
+               f"{evaluation[f'maj_at_{k}']:.3f} / {evaluation[f'pass_at_{k}']:.3f} |\n") if k else ""
     create_markdown_artifact(
         f"## Iteration {iteration}\n\n"
         f"| metric | value |\n|---|---|\n"
-        f"| held-out greedy accuracy | {evaluation['accuracy']:.3f} |\n"
+        f"| held-out greedy accuracy | {evaluation['accuracy']:.3f} |\n{sampled}"
         f"| train accuracy (sampled) | {df['correct'].mean():.3f} |\n"
         f"| mean reward | {df['reward'].mean():.3f} |\n"
         f"| rollouts | {len(df)} rows, {df['step'].nunique()} steps |\n",

@@ -80,6 +80,12 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
     losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
     assert [v for _, v in losses] == pytest.approx([recorded[s]["loss"] for s in range(4)])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")) == [0, 1, 2, 3, 4]
+    # Each evaluation also samples K=8 per question for Maj@8 <= Pass@8 (the headroom RL can sharpen into)
+    maj = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/maj_at_8")}
+    pass_ = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/pass_at_8")}
+    assert sorted(maj) == sorted(pass_) == [0, 1, 2, 3, 4]
+    assert all(0 <= maj[s] <= pass_[s] <= 1 for s in maj)
+    assert summary["sampled"].startswith("; Maj@8 ") and "(16 questions, 8 samples each)" in summary["sampled"]
     replay = client.get_metric_history(run.info.run_id, "rm/outcome_rm/replay_fraction")
     assert [m.step for m in replay] == [2, 4]
     n_new = client.get_metric_history(run.info.run_id, "rm/outcome_rm/n_new")
