@@ -59,7 +59,10 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/demo.yaml", [*common, f"run_id=bench-{name}-{int(time.time())}", *VARIANTS[name]])
         t0 = time.perf_counter()
         summary = iterative_grpo(cfg)
-        rows.append((name, summary["initial_accuracy"], summary["final_accuracy"], time.perf_counter() - t0))
+        k = int(summary["final_eval"].get("sample_k", 0))
+        sampled = [summary[e].get(f"{m}_at_{k}", float("nan")) for m in ("maj", "pass")
+                   for e in ("initial_eval", "final_eval")]
+        rows.append((name, summary["initial_accuracy"], summary["final_accuracy"], *sampled, time.perf_counter() - t0))
         print(f"{name}: {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f}", flush=True)
 
     lines = [
@@ -67,11 +70,14 @@ def main() -> None:
         f"load average at the end {os.getloadavg()[0]:.1f}.",
         f"Command: `.venv/bin/python bench/iterative.py --iterations {args.iterations} --steps {args.steps}`",
         f"Budget per variant: {args.iterations} iterations x {args.steps} steps x 8 questions x G=8, configs/demo.yaml "
-        "otherwise; the same SFT start and seed. Held-out greedy accuracy on 500 test questions (standard error ~2 points).",
+        "otherwise; the same SFT start and seed. Held-out greedy accuracy on 500 test questions (standard error ~2 points); "
+        f"Maj@{k} / Pass@{k} from {k} samples at T={cfg.sampling.temperature} on the first "
+        f"{cfg.loop.eval_sample_questions} of them (standard error ~6 points).",
         "",
-        "| variant | SFT start | final | change | wall s |",
-        "|---|---|---|---|---|",
-        *[f"| {n} | {a:.3f} | {b:.3f} | {b - a:+.3f} | {s:.0f} |" for n, a, b, s in rows],
+        f"| variant | SFT start | final | change | Maj@{k} start -> final | Pass@{k} start -> final | wall s |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {n} | {a:.3f} | {b:.3f} | {b - a:+.3f} | {m0:.3f} -> {m1:.3f} | {p0:.3f} -> {p1:.3f} | {s:.0f} |"
+          for n, a, b, m0, m1, p0, p1, s in rows],
     ]
     write_section("## Iterative RL: reward sources and supervision\n\n" + "\n".join(lines) + "\n")
 

@@ -171,6 +171,7 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     summary = {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "initial_accuracy": state["initial_accuracy"],
                "final_accuracy": final["accuracy"], "policy": state["policy"], "run_dir": str(run_dir),
                "rl_seconds": state.get("rl_seconds", 0.0), "rl_cpu_seconds": state.get("rl_cpu_seconds", 0.0),
+               "initial_eval": state.get("initial_eval", {}), "final_eval": final,
                "sampled": sampled_summary(state.get("initial_eval", {}), final)}
     report = (f"# Run {run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT) -> "
               f"{summary['final_accuracy']:.3f} after {cfg.loop.iterations} iteration(s) "
