@@ -101,9 +101,6 @@ if ARGS.omp_wait_policy:
 TMP = Path(tempfile.mkdtemp(prefix="step_vs_trl_"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_HOME"] = str(TMP / "prefect")  # throwaway Prefect DB + result storage
 
 import torch  # noqa: E402

@@ -8,7 +8,7 @@
             rows   <- data source of the method (live samples | pool slice | ground truth)
             rows   <- score_rollouts(rows)                  rule verifier
             policy <- update (grpo_update for grpo, method_update for the others)
-            every eval_every steps: greedy accuracy, Pass@K, Maj@K on the held-out split
+            every eval_every steps: greedy accuracy, Pass@K, Maj@K on the held-out split (loop.eval_*)
     plot accuracy vs samples seen (one line per method; DeepSeekMath Figure 5 on this task), table
 
 Same budget for every method: M steps x questions_per_step x G rows (SFT: as many ground-truth
@@ -100,13 +100,9 @@ def _child_run(cfg: PipelineConfig, parent_id: str, method: str, compare_id: str
     return run.info.run_id
 
 
-def _eval(cfg, ckpt, test_path, ev_args) -> dict:
-    return evaluate_policy(cfg, ckpt, test_path, **ev_args)
-
-
 @flow(name="method-run", flow_run_name="method-{method}")
 def method_run(config: PipelineConfig, method: str, compare_id: str, parent_mlflow_id: str, train_path: str,
-               test_path: str, sft_ckpt: str, initial_eval: dict, eval_args: dict) -> dict:
+               test_path: str, sft_ckpt: str, initial_eval: dict) -> dict:
     """One method of the unified paradigm from the SFT policy, with its own nested MLflow run."""
     logger = get_run_logger()
     run_id = f"{compare_id}-{method}"
@@ -161,7 +157,7 @@ def method_run(config: PipelineConfig, method: str, compare_id: str, parent_mlfl
             update_seconds.append(t2 - t1)
             tracking.log_metrics(cfg, mlflow_id, metrics, samples)
             if (s + 1) % cfg.loop.eval_every == 0 or last:
-                ev = _eval(cfg, policy, test_path, eval_args)
+                ev = evaluate_policy(cfg, policy, test_path)
                 tracking.log_metrics(cfg, mlflow_id, ev, samples, prefix="eval/")
                 curve.append({"samples": samples, **ev})
                 logger.info("%s step %d/%d (%d samples): greedy %.3f  %s", method, s + 1, M, samples,
@@ -222,7 +218,6 @@ def results_table(results: list[dict], initial: dict, k: int) -> str:
 
 @flow(name="compare-methods", log_prints=True)
 def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str] = list(ALL_METHODS),
-                    eval_k: int = 8, eval_sample_questions: int = 64, eval_temperature: float = 1.0,
                     compare_id: str | None = None) -> dict:
     """Run `methods` from the same SFT policy with the same budget; nested MLflow runs, plot, table."""
     logger = get_run_logger()
@@ -250,21 +245,21 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     from mlflow.entities import RunTag
 
     client.log_batch(parent, tags=[RunTag("methods", ",".join(methods)), RunTag("kind", "compare-methods")])
-    eval_args = {"k": eval_k, "sample_questions": eval_sample_questions, "temperature": eval_temperature}
-    initial = _eval(cfg, sft_ckpt, test_path, eval_args)
+    initial = evaluate_policy(cfg, sft_ckpt, test_path)
     tracking.log_metrics(cfg, parent, initial, 0, prefix="start/")  # not "sft/": that is the sft method's
     logger.info("SFT start: %s", "  ".join(f"{k} {v:.3f}" for k, v in initial.items()))
     results = []
     for m in methods:
-        results.append(method_run(cfg, m, compare_id, parent, train_path, test_path, sft_ckpt, initial, eval_args))
+        results.append(method_run(cfg, m, compare_id, parent, train_path, test_path, sft_ckpt, initial))
         r = results[-1]
         tracking.log_metrics(cfg, parent, {f"{m}/{k}": v for k, v in r["final"].items()}, r["samples"])
         tracking.log_metrics(cfg, parent, {f"{m}/wall_seconds": r["wall_seconds"],
                                            f"{m}/step_seconds": r["step_seconds_mean"],
                                            f"{m}/peak_rss_mb": r["peak_rss_mb"]}, r["samples"])
     out_dir = cfg.artifacts() / "runs" / compare_id
-    png = plot_curves(results, out_dir / "accuracy_vs_samples.png", eval_k)
-    table = results_table(results, initial, eval_k)
+    k = cfg.loop.eval_samples
+    png = plot_curves(results, out_dir / "accuracy_vs_samples.png", k)
+    table = results_table(results, initial, k)
     (out_dir / "results.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps({"initial": initial, "results": results}, indent=1, default=str))
     tracking.log_artifact(cfg, parent, png)
@@ -274,8 +269,8 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     M, q, G = cfg.loop.steps_per_iteration, cfg.loop.questions_per_step, cfg.sampling.group_size
     create_markdown_artifact(
         f"# Methods compared ({compare_id})\n\nSame SFT start, {M} steps x {q} questions x G={G} "
-        f"= {M * q * G} samples per method. Held-out greedy accuracy on {initial['n']} questions, Maj@{eval_k} / "
-        f"Pass@{eval_k} on {eval_sample_questions} at T={eval_temperature}.\n\n{table}\n"
+        f"= {M * q * G} samples per method. Held-out greedy accuracy on {initial['n']} questions, Maj@{k} / "
+        f"Pass@{k} on {cfg.loop.eval_sample_questions} at T={cfg.sampling.temperature}.\n\n{table}\n"
         f"Plot: `{png}` (MLflow run {parent}).\n", key="methods-compared", description="Unified paradigm")
     return {"compare_id": compare_id, "mlflow_run_id": parent, "initial": initial, "results": results,
             "plot": str(png), "table": table}
@@ -284,15 +279,12 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, from " + ",".join(ALL_METHODS))
-    parser.add_argument("--eval-k", type=int, default=8)
-    parser.add_argument("--eval-sample-questions", type=int, default=64)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if cfg is None:
         return 2
     t0 = time.perf_counter()
-    out = compare_methods(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], eval_k=args.eval_k,
-                          eval_sample_questions=args.eval_sample_questions)
+    out = compare_methods(cfg, [m.strip() for m in args.methods.split(",") if m.strip()])
     print(out["table"])
     print(f"plot: {out['plot']}\nMLflow parent run: {out['mlflow_run_id']} in {cfg.mlflow_uri()}\n"
           f"total wall time: {time.perf_counter() - t0:.0f} s")

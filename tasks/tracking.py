@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from configs import PipelineConfig, dump_config  # noqa: E402
-from stages.checkpoints import read_step_metrics  # noqa: E402
+from configs import PipelineConfig, dump_config
+from stages.checkpoints import read_step_metrics
 
 RUN_TAG = "pipeline_run_id"
 STEP_KEY = "step_seconds"  # logged at every GRPO step: the highest step it has is the last one logged

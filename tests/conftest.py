@@ -3,11 +3,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+import tasks  # noqa: E402,F401  (usage telemetry off by default)
 
 hf_logging.disable_progress_bar()
 

@@ -140,7 +140,7 @@ def test_sft_is_rft_on_all_correct_rows(tiny):
 # ---- end to end --------------------------------------------------------------------------------
 TINY = ["sft.steps=30", "data.train_size=300", "data.test_size=16", "loop.steps_per_iteration=2",
         "loop.questions_per_step=2", "loop.eval_every=1", "sampling.group_size=4", "sampling.max_new_tokens=16",
-        "threads=1"]
+        "loop.eval_samples=4", "loop.eval_sample_questions=4", "threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def compared(prefect_api, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compare")
     cfg = load_config(ROOT / "configs/demo.yaml", [f"storage.artifacts_root={root}", *TINY])
-    out = compare_methods(cfg, ["grpo", "ppo", "dpo"], eval_k=4, eval_sample_questions=4, compare_id="cmp")
+    out = compare_methods(cfg, ["grpo", "ppo", "dpo"], compare_id="cmp")
     return cfg, out
 
 

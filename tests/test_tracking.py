@@ -27,3 +27,22 @@ def test_resume_logging_resends_recorded_steps_mlflow_lacks(tmp_path):
     assert sorted((m.step, m.value) for m in hist) == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 9.0)]
     assert tracking.resume_logging(cfg, run, run_dir, done_step=3) == 3  # idempotent
     assert len(tracking.client_for(cfg).get_metric_history(run, "loss")) == 2  # steps 2 and 3
+
+
+def test_importing_the_flows_turns_usage_telemetry_off_unless_the_environment_says_otherwise():
+    """A fresh interpreter (none of the variables set, but one the user chose) imports the flows: the
+    unset ones get their off values, the user's value is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = ["PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"]
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    code = f"import json, os, flows.iterative_grpo; print(json.dumps({{k: os.environ.get(k) for k in {names!r}}}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
