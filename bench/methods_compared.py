@@ -90,7 +90,8 @@ def main() -> int:
              f"{p['ppo.value_lr']}, value clip {p['ppo.value_clip']}; DPO: beta {p['dpo.beta']}, one (correct, wrong) "
              f"pair per question from a pool sampled once from the SFT model, reference = SFT; RFT: the same offline "
              f"pool, GC 1 on correct outputs; online RFT: live samples, GC 1 on correct. Held-out greedy accuracy on "
-             f"{n_test} questions; Maj@{k} / Pass@{k} from {k} samples at T=1.0 on the first {nq} of them.")
+             f"{n_test} questions; Maj@{k} / Pass@{k} from {k} samples at T={p['sampling.temperature']} on the first {nq} of "
+             f"them.")
     L.append("")
     L.append(f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), shared with other engineers' jobs (wall times are "
              f"noisy); 1 torch thread; Python {platform.python_version()}, torch {torch.__version__}, transformers "
@@ -103,7 +104,7 @@ def main() -> int:
              f"`artifacts/runs/{args.compare_id}/accuracy_vs_samples.png`, also an artifact of the parent MLflow run "
              f"`{parent.info.run_id}` (experiment `{args.experiment}`)")
     L.append("")
-    L.append(f"| method | greedy acc | Maj@{k} | Pass@{k} | pass@1 (T=1) | wall (s) | s / step | update s / step "
+    L.append(f"| method | greedy acc | Maj@{k} | Pass@{k} | pass@1 (T={p['sampling.temperature']}) | wall (s) | s / step | update s / step "
              f"| peak RSS (MB) |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     L.append(f"| SFT start | {sft['accuracy']:.3f} | {sft[f'maj_at_{k}']:.3f} | {sft[f'pass_at_{k}']:.3f} | "
