@@ -11,10 +11,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 def write_section(text: str, path: Path = BENCHMARKS) -> None:
     """Replace the section that `text` starts with ("## Title", up to the next "## ") or append it."""
     heading = text.splitlines()[0]
+    text = text.rstrip("\n") + "\n\n"  # a blank line before whatever section follows
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     doc = pattern.sub(lambda _: text, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc if doc.endswith("\n") else doc + "\n")
+    path.write_text(doc.rstrip("\n") + "\n")
 
 
 def cpu_model() -> str:
