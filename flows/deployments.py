@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, load_config
-from flows.iterative_grpo import iterative_grpo
+from flows.iterative_grpo import eval_line, iterative_grpo
 from stages.checkpoints import read_state
 from tasks import tracking
 from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data
@@ -71,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str = "sft", config: PipelineConfig = Pipeli
     _, test_path = prepare_data(cfg)
     ckpt = resolve_checkpoint(checkpoint, cfg)
     ev = evaluate_policy(cfg, ckpt, test_path)
-    logger.info("%s (%s): greedy accuracy %.3f on %d held-out questions", checkpoint, ckpt, ev["accuracy"], ev["n"])
+    logger.info("%s (%s): %s", checkpoint, ckpt, eval_line(ev))
 
     client = tracking.client_for(cfg)
     exp_id = tracking.experiment_id(client, cfg)
@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str = "sft", config: PipelineConfig = Pipeli
     tracking.log_metrics(cfg, run.info.run_id, ev, 0, prefix="eval/")
     tracking.finish_run(cfg, run.info.run_id)
     create_markdown_artifact(
-        f"# Evaluation of `{checkpoint}`\n\n`{ckpt}`\n\nHeld-out greedy accuracy: **{ev['accuracy']:.3f}** "
-        f"on {ev['n']} questions (answered {ev['answered']:.3f}, mean length {ev['mean_length']:.1f}).\n",
-        key="checkpoint-eval", description="Greedy accuracy of a checkpoint")
+        f"# Evaluation of `{checkpoint}`\n\n`{ckpt}`\n\nResult: {eval_line(ev)} (answered {ev['answered']:.3f}, "
+        f"mean length {ev['mean_length']:.1f}).\n",
+        key="checkpoint-eval", description="Held-out accuracy of a checkpoint")
     return {**ev, "checkpoint": str(ckpt), "mlflow_run_id": run.info.run_id}
