@@ -170,6 +170,10 @@ class SFTConfig(_Section):
     examples: int | None = Field(None, gt=0, description=(
         "worked solutions SFT learns from (the first N of the train split; default: all). RL needs only "
         "the final answers, so it draws its questions from the whole split"))
+    answer_only_fraction: float = Field(0.0, ge=0, le=1, description=(
+        "fraction of those worked solutions shown as their final answer line alone ('#### N'), like the "
+        "terse solutions in real SFT corpora; which ones is fixed by data.seed. Imitation learns the mix of "
+        "styles; RL's reward tells them apart"))
 
 
 class ControlConfig(_Section):

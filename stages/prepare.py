@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 from pathlib import Path
@@ -40,9 +41,15 @@ def encode_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], li
 
 
 def sft_examples(cfg: PipelineConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """The worked solutions SFT (and the SFT control) may learn from: the first `sft.examples`."""
+    """The worked solutions SFT (and the SFT control) may learn from: the first `sft.examples`, a
+    seeded `sft.answer_only_fraction` of them cut to their final answer line."""
     train_path, _ = prepare_data(cfg)
-    return encode_examples(tokenizer, read_problems(train_path)[: cfg.sft.examples])
+    problems = read_problems(train_path)[: cfg.sft.examples]
+    if cfg.sft.answer_only_fraction > 0:
+        rng = random.Random(cfg.data.seed)
+        problems = [{**p, "solution": p["solution"].rstrip().splitlines()[-1]}
+                    if rng.random() < cfg.sft.answer_only_fraction else p for p in problems]
+    return encode_examples(tokenizer, problems)
 
 
 def _sft_dir(cfg: PipelineConfig) -> Path:
