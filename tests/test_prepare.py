@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sft_examples_are_the_first_n_solutions_and_all_by_default(tiny_dir, tmp_path):
     tok = load_tokenizer(str(tiny_dir))
     cfg = load_config(ROOT / "configs/demo.yaml", [f"storage.artifacts_root={tmp_path}", "data.train_size=40",
-                                                   "data.test_size=8", "sft.examples=7"])
+                                                   "data.test_size=8", "sft.examples=7", "sft.answer_only_fraction=0"])
     train = read_problems(prepare_data(cfg)[0])
     some = sft_examples(cfg, tok)
     assert len(some) == 7
