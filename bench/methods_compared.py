@@ -82,7 +82,8 @@ def main() -> int:
     L.append(f"`make compare` = `{COMMAND}` (flows/compare_methods.py; this section: "
              f"`.venv/bin/python bench/methods_compared.py --compare-id {args.compare_id}`).")
     L.append("")
-    L.append(f"Every method starts from the same SFT policy (demo: tiny Llama, 600 SFT steps) with the same budget: "
+    L.append(f"Every method starts from the same SFT policy (tiny Llama, {p['sft.steps']} SFT steps, answer-only "
+             f"fraction of the SFT solutions {p.get('sft.answer_only_fraction', '0.0')}) with the same budget: "
              f"{M} steps x {q} questions x G={G} = {M * q * G} samples (SFT: as many ground-truth solutions), the same "
              f"seed and questions, one AdamW update per step at lr {p['grpo.lr']}, reward = the rule verifier. GRPO: "
              f"beta {p['grpo.beta']}; PPO: KL {p['grpo.beta']} in the reward, GAE gamma {p['ppo.gamma']} lambda "
