@@ -150,7 +150,8 @@ def test_deploy_all_and_run_through_a_process_worker(tmp_path):
             demo = names["iterative_grpo/demo"]
             assert demo["work_pool_name"] == "local-process"
             assert [s["active"] for s in demo["schedules"]] == [False]
-            assert demo["parameters"]["config"]["sft"]["steps"] == 600
+            # the server stored the demo config as the deployment's parameter (what the UI form shows)
+            assert demo["parameters"]["config"]["sft"] == yaml.safe_load((ROOT / "configs/demo.yaml").read_text())["sft"]
             (pull,) = demo["pull_steps"]  # deploy filled in this checkout as the working directory
             assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
 
