@@ -49,6 +49,7 @@ def main() -> None:
 
     from configs import load_config
     from flows.iterative_grpo import iterative_grpo
+    from stages.evaluation import sampled_scores
 
     common = [f"storage.artifacts_root={args.root}", f"threads={args.threads}", f"loop.iterations={args.iterations}",
               f"loop.steps_per_iteration={args.steps}", f"loop.eval_every={args.steps}", "control.sft_same_time=false"]
@@ -57,10 +58,10 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/demo.yaml", [*common, f"run_id=bench-{name}-{int(time.time())}", *VARIANTS[name]])
         t0 = time.perf_counter()
         summary = iterative_grpo(cfg)
-        k = int(summary["final_eval"].get("sample_k", 0))
-        sampled = [summary[e].get(f"{m}_at_{k}", float("nan")) for m in ("maj", "pass")
-                   for e in ("initial_eval", "final_eval")]
-        rows.append((name, summary["initial_accuracy"], summary["final_accuracy"], *sampled, time.perf_counter() - t0))
+        (k, maj0, pass0), (_, maj1, pass1) = (sampled_scores(summary[e]) or (0, float("nan"), float("nan"))
+                                              for e in ("initial_eval", "final_eval"))
+        rows.append((name, summary["initial_accuracy"], summary["final_accuracy"], maj0, maj1, pass0, pass1,
+                     time.perf_counter() - t0))
         print(f"{name}: {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f}", flush=True)
 
     lines = [

@@ -30,6 +30,7 @@ from configs import PipelineConfig, dump_config
 from flows.cli import config_from_args, config_parser
 from problems.datasets import draw_questions, read_problems
 from stages.checkpoints import append_step_metrics, copy_checkpoint, read_state, write_state
+from stages.evaluation import sampled_scores
 from stages.rollout_store import rollout_path
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
@@ -191,21 +192,21 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
 
 def eval_line(ev: dict) -> str:
     """One evaluation in words, for the log."""
-    k = int(ev.get("sample_k", 0))
-    sampled = (f"; Maj@{k} {ev[f'maj_at_{k}']:.3f}, Pass@{k} {ev[f'pass_at_{k}']:.3f} on the first "
-               f"{int(ev['sample_questions'])}") if k else ""
+    scores = sampled_scores(ev)
+    sampled = (f"; Maj@{scores[0]} {scores[1]:.3f}, Pass@{scores[0]} {scores[2]:.3f} on the first "
+               f"{int(ev['sample_questions'])}") if scores else ""
     return f"greedy accuracy {ev['accuracy']:.3f} on {ev['n']} held-out questions{sampled}"
 
 
 def sampled_summary(before: dict, after: dict) -> str:
     """'; Maj@K a -> b, Pass@K c -> d (N questions, K samples each)' from two evaluations, or ''
-    when they have no sampled metrics (loop.eval_samples == 0, or a run started before they existed)."""
-    k = int(after.get("sample_k", 0))
-    keys = (f"maj_at_{k}", f"pass_at_{k}")
-    if not k or any(key not in before or key not in after for key in keys):
+    when either has no sampled metrics (loop.eval_samples == 0, or a run started before they existed)."""
+    old, new = sampled_scores(before), sampled_scores(after)
+    if not old or not new or old[0] != new[0]:
         return ""
-    return (f"; Maj@{k} {before[keys[0]]:.3f} -> {after[keys[0]]:.3f}, Pass@{k} {before[keys[1]]:.3f} -> "
-            f"{after[keys[1]]:.3f} ({int(after['sample_questions'])} questions, {k} samples each)")
+    k = new[0]
+    return (f"; Maj@{k} {old[1]:.3f} -> {new[1]:.3f}, Pass@{k} {old[2]:.3f} -> {new[2]:.3f} "
+            f"({int(after['sample_questions'])} questions, {k} samples each)")
 
 
 def print_summary(cfg: PipelineConfig, summary: dict) -> None:

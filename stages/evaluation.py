@@ -42,6 +42,14 @@ def sampled_metrics(model, tokenizer, problems: list[dict], *, k: int, max_new_t
     }
 
 
+def sampled_scores(ev: dict) -> tuple[int, float, float] | None:
+    """(K, Maj@K, Pass@K) of an `evaluate` result, or None when it sampled nothing."""
+    k = int(ev.get("sample_k", 0))
+    if not k or f"maj_at_{k}" not in ev:
+        return None
+    return k, ev[f"maj_at_{k}"], ev[f"pass_at_{k}"]
+
+
 def evaluate(model, tokenizer, problems: list[dict], *, max_new_tokens: int, k: int = 8, temperature: float = 1.0,
              sample_questions: int = 64, seed: int = 0) -> dict:
     """Greedy accuracy on `problems`, Pass@K / Maj@K on the first `sample_questions` of them."""

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig
 import pyarrow.dataset as ds
 
+from stages.evaluation import sampled_scores
 from stages.rollout_store import open_run
 from tasks import tracking
 
@@ -59,9 +60,9 @@ def iteration_report(cfg: PipelineConfig, run_id: str, iteration: int, mlflow_ru
     dataset = mlflow.data.from_pandas(flat, source=source, name=f"rollouts-iteration-{iteration}")
     client.log_inputs(mlflow_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                             tags=[InputTag("mlflow.data.context", "training")])])
-    k = int(evaluation.get("sample_k", 0))
-    sampled = (f"| held-out Maj@{k} / Pass@{k} (first {int(evaluation['sample_questions'])}) | "
-               f"{evaluation[f'maj_at_{k}']:.3f} / {evaluation[f'pass_at_{k}']:.3f} |\n") if k else ""
+    scores = sampled_scores(evaluation)
+    sampled = (f"| held-out Maj@{scores[0]} / Pass@{scores[0]} (first {int(evaluation['sample_questions'])}) | "
+               f"{scores[1]:.3f} / {scores[2]:.3f} |\n") if scores else ""
     create_markdown_artifact(
         f"## Iteration {iteration}\n\n"
         f"| metric | value |\n|---|---|\n"
