@@ -167,6 +167,9 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, gt=0)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    checkpoint_every: int = Field(200, gt=0, description=(
+        "SFT steps between resumable checkpoints (model, optimizer, schedule, data order); a killed "
+        "warm start resumes from the last one"))
     examples: int | None = Field(None, gt=0, description=(
         "worked solutions SFT learns from (the first N of the train split; default: all). RL needs only "
         "the final answers, so it draws its questions from the whole split"))
