@@ -230,7 +230,12 @@ class PipelineConfig(_Section):
         return _flatten(self.model_dump())
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (a bad field, file, or run_id): the command line prints its one-line
+    message and exits 2, and Prefect tasks do not retry it."""
+
+
+class ConfigError(UserError):
     """A bad config: the message names the field path."""
 
 
