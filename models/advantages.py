@@ -10,7 +10,7 @@ Pure functions over tensors. Every batch is laid out group after group: outputs
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -154,16 +154,3 @@ def delimiter_token_ids(tokenizer, delimiter: str = "\n") -> frozenset[int]:
     """
     return frozenset(i for i in tokenizer.get_vocab().values() if delimiter in tokenizer.decode([i]))
 
-
-ADVANTAGE_ESTIMATORS: Mapping[str, Callable[..., Tensor]] = {
-    "outcome": outcome_advantages,
-    "process": process_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        names = sorted(ADVANTAGE_ESTIMATORS)
-        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {names}") from None

@@ -203,7 +203,6 @@ def method_update(policy, optimizer, batch: MethodBatch, method: str, *, pad_id:
     beta > 0; grpo: as models.trainer.grpo_update). value_model / value_optimizer: ppo only
     (a models.reward_model.ValueHeadRewardModel; `ValueHeadRewardModel.from_policy(policy, "process")`).
     """
-    get_method(method)  # unknown names fail here
     t0 = time.perf_counter()
     if method == "grpo":
         if batch.advantages is None:
@@ -211,6 +210,7 @@ def method_update(policy, optimizer, batch: MethodBatch, method: str, *, pad_id:
         return grpo_update(policy, optimizer, UpdateBatch(batch.prompt_ids, batch.completion_ids, batch.advantages),
                            pad_id=pad_id, ref_model=ref_model, beta=beta, eps_low=eps_low, eps_high=eps_high,
                            aggregation=aggregation, grad_clip=grad_clip, micro_batch_size=micro_batch_size)
+    get_method(method)  # unknown names fail here
     if method in ("dpo", "ppo") and ref_model is None and (method == "dpo" or beta > 0):
         raise ValueError(f"{method} needs a reference model")
     device = next(policy.parameters()).device

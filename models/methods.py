@@ -23,7 +23,9 @@ logp, mask: [B, T] the policy's per-token log-probs of the completions (mask tru
 completion tokens); `batch` is a mapping of tensors holding what the method needs
 (`Method.required` lists the keys). The loss is -J, so d loss / d logp_t = -GC_t / denominator,
 the denominator being the aggregation's (models.grpo.LOSS_AGGREGATIONS; "sequence", the
-paper's 1/|o| then mean over outputs, is the default everywhere).
+paper's 1/|o| then mean over outputs, is the default everywhere). GRPO is the exception: its
+loss is models.grpo.grpo_loss, which models.trainer.grpo_update calls with the reference and
+old-policy log-probs it computes itself, so `METHODS` (the losses of this module) has no grpo entry.
 
 Exactness notes (what the tests check):
 - rft and online_rft are ONE function: they differ only in where the outputs come from
@@ -38,10 +40,8 @@ Exactness notes (what the tests check):
   the gradient is beta * GC / |o| (the unified formula's 1/|o|) with GC taken on those means.
 - ppo: the clipped surrogate of models.grpo.grpo_loss with beta = 0 and per-token
   advantages [B, T]; the KL to the reference is in the reward (`ppo_token_rewards`), not in
-  the loss. The value model is trained separately with `ppo_value_loss`.
-- grpo: models.grpo.grpo_loss unchanged.
-- grpo and ppo: a batch without "old_logp" means mu = 1, i.e. old_logp = logp.detach()
-  (ratio 1 in value, not in gradient).
+  the loss. The value model is trained separately with `ppo_value_loss`. A batch without
+  "old_logp" means mu = 1, i.e. old_logp = logp.detach() (ratio 1 in value, not in gradient).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def weighted_nll(
 
 
 # ---- SFT, RFT, online RFT ----------------------------------------------------------------------
-def sft_loss(
+def sft_method_loss(
     logp: Tensor,
     mask: Tensor,
     batch: Mapping[str, Tensor] | None = None,
@@ -348,11 +348,6 @@ def ppo_value_loss(
     return loss, metrics
 
 
-def _old_logp(logp: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    old = batch.get("old_logp")
-    return logp.detach() if old is None else old
-
-
 def ppo_loss(
     logp: Tensor,
     mask: Tensor,
@@ -371,30 +366,10 @@ def ppo_loss(
     _require(batch, ["advantages"], "ppo")
     advantages = batch["advantages"]
     _check_shapes(logp, mask, advantages=advantages)
-    return grpo_loss(logp, _old_logp(logp, batch), None, advantages.detach(), mask, eps_low=eps_low,
+    old_logp = batch.get("old_logp")
+    old_logp = logp.detach() if old_logp is None else old_logp
+    return grpo_loss(logp, old_logp, None, advantages.detach(), mask, eps_low=eps_low,
                      eps_high=eps_high, beta=0.0, aggregation=aggregation, max_len=max_len)
-
-
-# ---- GRPO ------------------------------------------------------------------------------------------
-def grpo_method_loss(
-    logp: Tensor,
-    mask: Tensor,
-    batch: Mapping[str, Tensor],
-    *,
-    beta: float = 0.04,
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    aggregation: str = "sequence",
-    max_len: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """models.grpo.grpo_loss in the uniform API.
-
-    batch["advantages"]: [B] or [B, T] (models.advantages); batch["ref_logp"]: [B, T], needed
-    iff beta != 0; batch["old_logp"]: [B, T], optional (mu = 1).
-    """
-    _require(batch, ["advantages"] + (["ref_logp"] if beta != 0 else []), "grpo")
-    return grpo_loss(logp, _old_logp(logp, batch), batch.get("ref_logp"), batch["advantages"].detach(), mask,
-                     eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=max_len)
 
 
 # ---- registry ------------------------------------------------------------------------------------
@@ -407,7 +382,7 @@ class Method:
     data_source: str
     reward: str
     gradient_coefficient: str
-    required: tuple[str, ...]  # batch keys the loss needs (grpo: ref_logp only when beta != 0)
+    required: tuple[str, ...]  # batch keys the loss needs
 
     def __call__(self, logp: Tensor, mask: Tensor, batch: Mapping[str, Tensor] | None = None, **hyper):
         return self.loss(logp, mask, {} if batch is None else batch, **hyper)
@@ -416,7 +391,7 @@ class Method:
 METHODS: Mapping[str, Method] = {
     m.name: m
     for m in (
-        Method("sft", sft_loss, "q, o from SFT data", "none", "1", ()),
+        Method("sft", sft_method_loss, "q, o from SFT data", "none", "1", ()),
         Method("rft", rft_loss, "q from SFT data, o sampled once from the SFT model (offline)", "rule",
                "1 if o correct else 0", ("correct",)),
         Method("online_rft", online_rft_loss, "q from SFT data, o sampled from the live policy", "rule",
@@ -426,8 +401,6 @@ METHODS: Mapping[str, Method] = {
                ("ref_logp", "pairs")),
         Method("ppo", ppo_loss, "q from SFT data, o from the live policy", "model", "A_t (GAE, with a value model)",
                ("advantages",)),
-        Method("grpo", grpo_method_loss, "q from SFT data, {o_i} from the live policy", "model",
-               "A_{i,t} + beta * (pi_ref/pi_theta - 1)", ("advantages", "ref_logp")),
     )
 }
 

@@ -22,8 +22,8 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sft_loss(model, prompt_ids: list[list[int]], target_ids: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean negative log-likelihood over all target tokens of the batch."""
+def target_nll(model, prompt_ids: list[list[int]], target_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+    """The model's mean negative log-likelihood over all target tokens of the batch (the SFT loss). []"""
     logp, mask, _ = completion_logprobs(model, prompt_ids, target_ids, pad_id=pad_id, with_grad=True)
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
@@ -55,7 +55,7 @@ def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int
             order.extend(fresh)
         batch = [examples[i] for i in order[:batch_size]]
         del order[:batch_size]
-        loss = sft_loss(model, [p for p, _ in batch], [t for _, t in batch], pad_id)
+        loss = target_nll(model, [p for p, _ in batch], [t for _, t in batch], pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

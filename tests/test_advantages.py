@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from models.advantages import (
-    ADVANTAGE_ESTIMATORS,
     delimiter_token_ids,
-    get_advantage_estimator,
     outcome_advantages,
     process_advantages,
     step_ends_from_tokens,
@@ -162,9 +160,3 @@ def test_delimiter_token_ids_and_steps():
     assert ids == {1, 2, 3}
     assert step_ends_from_tokens([0, 2, 4, 4, 3, 0], ids) == [1, 4, 5]
 
-
-def test_registry():
-    assert set(ADVANTAGE_ESTIMATORS) == {"outcome", "process"}
-    assert get_advantage_estimator("process") is process_advantages
-    with pytest.raises(ValueError, match=r"'outcome', 'process'"):
-        get_advantage_estimator("gae")

@@ -16,7 +16,7 @@ from models.methods import (
     ppo_token_rewards,
     ppo_value_loss,
     rft_loss,
-    sft_loss,
+    sft_method_loss,
 )
 
 F64 = torch.float64
@@ -69,13 +69,13 @@ def test_sft_gradient_is_one(aggregation):
     assert metrics["tokens"] == 12.0
 
 
-def test_sft_loss_by_hand():
+def test_sft_method_loss_by_hand():
     logp = torch.tensor([[math.log(0.5), math.log(0.25)], [math.log(0.5), -math.inf]], dtype=F64)
     mask = torch.tensor([[1, 1], [1, 0]])
-    loss, _ = sft_loss(logp, mask)
+    loss, _ = sft_method_loss(logp, mask)
     # rows: (ln 2 + ln 4) / 2 = 1.5 ln 2, ln 2; mean = 1.25 ln 2 = 0.866434
     assert loss.item() == pytest.approx(1.25 * math.log(2)) and loss.item() == pytest.approx(0.866434, abs=1e-6)
-    loss, _ = sft_loss(logp, mask, aggregation="token")
+    loss, _ = sft_method_loss(logp, mask, aggregation="token")
     assert loss.item() == pytest.approx(4 * math.log(2) / 3)  # (ln 2 + 2 ln 2 + ln 2) / 3
 
 
@@ -295,26 +295,11 @@ def test_ppo_with_old_logp_matches_grpo_loss_beta_zero():
     assert loss.item() == ref.item() and m == ref_m
 
 
-# ---- GRPO through the registry -------------------------------------------------------------------
-def test_grpo_gradient_is_the_gradient_coefficient():
-    logp, ref_logp, mask = _batch(LENGTHS, T, seed=9)
-    adv = torch.tensor([1.0, -0.5, 0.3, -1.2], dtype=F64)
-    beta = 0.04
-    _, grad, _ = _grad(lambda lp: get_method("grpo")(lp, mask, {"advantages": adv, "ref_logp": ref_logp}, beta=beta),
-                       logp)
-    gc = adv[:, None] + beta * ((ref_logp - logp).exp() - 1)
-    torch.testing.assert_close(grad, torch.where(mask, -gc / _denominator("sequence", LENGTHS, None), 0.0))
-    with pytest.raises(KeyError, match="ref_logp"):
-        get_method("grpo")(logp, mask, {"advantages": adv})
-    loss, _ = get_method("grpo")(logp, mask, {"advantages": adv}, beta=0.0)  # no reference needed
-    assert torch.isfinite(loss)
-
-
 # ---- registry ------------------------------------------------------------------------------------
 def test_registry():
-    assert set(METHODS) == {"grpo", "ppo", "online_rft", "rft", "dpo", "sft"}
+    assert set(METHODS) == {"ppo", "online_rft", "rft", "dpo", "sft"}  # grpo: models.trainer.grpo_update
     for name, method in METHODS.items():
         assert method.name == name and get_method(name) is method
         assert method.data_source and method.reward in {"none", "rule", "model"} and method.gradient_coefficient
-    with pytest.raises(ValueError, match=r"'dpo', 'grpo', 'online_rft', 'ppo', 'rft', 'sft'"):
+    with pytest.raises(ValueError, match=r"'dpo', 'online_rft', 'ppo', 'rft', 'sft'"):
         get_method("reinforce")
