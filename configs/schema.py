@@ -3,21 +3,31 @@
 `PipelineConfig` is loaded from YAML (`load_config`), can be overridden from the command line
 (`key.sub=value`), and is the flows' single parameter, so the Prefect UI renders it as a form and
 MLflow logs it flattened as params. Every field has a default that runs the CPU demo.
+
+Every mistake in a config is a `ConfigError` (a `UserError`) whose one-line message names the field,
+the override, or the file and line: settings that cannot train (a group of one, temperature 0, no
+reward weight, NaN or infinite numbers) and run_ids that are not one plain folder name are refused
+here, before anything runs. Config files are read as UTF-8 and their bytes are never echoed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# A run_id names a folder under <artifacts>/runs/: one plain path component, never a way out of it.
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
 class _Section(BaseModel):
-    # A typo'd key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A typo'd key is an error, not a silently ignored setting; a NaN or infinite number (`grpo.lr=inf`)
+    # is never a meaningful setting and would poison every step it touches.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
@@ -83,18 +93,36 @@ class DataConfig(_Section):
 
 class SamplingConfig(_Section):
     backend: Literal["hf", "vllm"] = "hf"
-    group_size: int = Field(8, gt=0, description="G: outputs sampled per question")
-    temperature: float = Field(1.0, ge=0)
+    group_size: int = Field(8, description="G: outputs sampled per question (at least 2)",
+                            json_schema_extra={"minimum": 2})
+    temperature: float = Field(1.0, description="sampling temperature (above 0)", json_schema_extra={"exclusiveMinimum": 0})
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0, description="rows (prompt x sample) per generate call")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     vllm_sleep_between_steps: bool = False
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_has_peers(cls, g: int) -> int:
+        if g < 2:
+            raise ValueError("must be at least 2: GRPO's advantage compares each output with the others of its "
+                             "group, and a group of one has nothing to compare with")
+        return g
+
+    @field_validator("temperature")
+    @classmethod
+    def _samples_can_differ(cls, t: float) -> float:
+        if t <= 0:
+            raise ValueError("must be above 0: at temperature 0 all G outputs of a group are the same greedy "
+                             "output, so every advantage is 0 and nothing is learned")
+        return t
+
 
 class RewardSource(_Section):
     name: Literal["verifier", "outcome_rm", "process_rm"]
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0, description="a source's share of the reward (a negative one would reward "
+                                                 "what the source scores as wrong)")
 
 
 class RewardConfig(_Section):
@@ -102,6 +130,15 @@ class RewardConfig(_Section):
     sources: list[RewardSource] = [RewardSource(name="verifier")]
     on_error: Literal["fail", "zero"] = "fail"
     rm_score: Literal["probability", "logit"] = "probability"
+
+    @field_validator("sources")
+    @classmethod
+    def _some_source_counts(cls, sources: list[RewardSource]) -> list[RewardSource]:
+        if not sources:
+            raise ValueError("empty: list at least one of verifier, outcome_rm, process_rm")
+        if all(s.weight == 0 for s in sources):
+            raise ValueError("every weight is 0, so every reward is 0 and nothing is learned")
+        return sources
 
 
 class GRPOConfig(_Section):
@@ -196,7 +233,8 @@ class StorageConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    run_id: str | None = Field(None, description="names the run; re-using it resumes the run")
+    run_id: str | None = Field(None, description="names the run (its folder under runs/); re-using it resumes the run",
+                               json_schema_extra={"pattern": f"^{RUN_ID_PATTERN}$"})
     algorithm: Literal["grpo", "ppo", "online_rft", "rft", "dpo", "sft"] = Field(
         "grpo", description="the unified paradigm's method (flows/compare_methods.py); iterative_grpo runs grpo")
     model: ModelConfig = ModelConfig()
@@ -213,6 +251,14 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_folder_name(cls, run_id: str | None) -> str | None:
+        if run_id is not None and (not re.fullmatch(RUN_ID_PATTERN, run_id) or ".." in run_id):
+            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                             "(it names a folder under runs/: no path separators, no '..')")
+        return run_id
 
     def artifacts(self) -> Path:
         return Path(self.storage.artifacts_root).resolve()
@@ -254,7 +300,12 @@ def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])  # our validators' own words, without pydantic's "Value error, "
+        else:
+            msg = e["msg"]
         parts.append(f"{path}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
@@ -272,11 +323,59 @@ def parse_overrides(overrides: list[str]) -> dict:
     """`["grpo.lr=1e-5", "loop.iterations=3"]` -> nested dict; values are parsed as YAML scalars."""
     out: dict = {}
     for item in overrides:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a command-line argument that was not UTF-8 (surrogate escapes)
+            shown = item.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ConfigError(f"invalid override '{shown}': not valid UTF-8") from None
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"invalid override {item!r}: expected key.sub=value")
-        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+        _set_dotted(out, key.strip(), value)
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's reason on one line, without the excerpt of the offending text its str() adds."""
+    return " ".join(str(getattr(err, "problem", None) or getattr(err, "reason", None) or type(err).__name__).split())
+
+
+def _yaml_line(err: yaml.YAMLError, text: str) -> int | None:
+    """1-based line of a YAML error, when PyYAML knows where it is."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        return err.problem_mark.line + 1
+    if isinstance(err, yaml.reader.ReaderError):
+        return text.count("\n", 0, err.position) + 1
+    return None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a YAML config file holds. Read as UTF-8; every failure is a `ConfigError` naming the
+    file (and the line where there is one), never echoing the file's bytes."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"invalid config: {path}: cannot read ({err.strerror or type(err).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"invalid config: {path}:{line}: not valid UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = _yaml_line(err, text)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"invalid config: {where}: not valid YAML ({_yaml_problem(err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: {path} must hold a mapping at the top level")
+    return data
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -296,16 +395,7 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"invalid config: {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"invalid config: {path} must hold a mapping at the top level")
-    return build_config(data, overrides)
+    return build_config(read_config_file(path) if path is not None else {}, overrides)
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -29,7 +29,7 @@ def test_typo_key_is_rejected_naming_the_path(tmp_path):
 
 
 def test_negative_group_size_is_rejected_naming_the_field():
-    with pytest.raises(ConfigError, match=r"^invalid config: sampling\.group_size: Input should be greater than 0$"):
+    with pytest.raises(ConfigError, match=r"^invalid config: sampling\.group_size: must be at least 2: "):
         load_config(None, ["sampling.group_size=-1"])
 
 
