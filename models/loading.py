@@ -1,16 +1,61 @@
 """Load a causal LM and its tokenizer by hub id or local path: the one path for every model.
 
 The built-in tiny model is saved with `save_pretrained`, so it loads through here exactly like
-a hub model (`Qwen/Qwen2.5-0.5B`) or a user's local checkpoint.
+a hub model (`Qwen/Qwen2.5-0.5B`) or a user's local checkpoint. `check_model_source` tells, before
+anything loads, whether a local folder holds what loading it needs.
 """
 from __future__ import annotations
 
+import os
+import re
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from configs.schema import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILT_IN = "tiny"
+# `org/name` or `name`: loaded by id from the hub or the user's hub cache, so not checked on disk.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+class ModelSourceError(UserError):
+    """`model.policy` names a local folder that is missing or lacks a file loading needs."""
+
+
+def _is_local_path(name_or_path: str) -> bool:
+    """A path the user means on disk: absolute, `.`/`~`-relative, or with a separator in a shape a hub
+    id cannot have (`runs/a/policy`). A bare `org/name` is a hub id even when no such folder exists."""
+    return (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+            or (any(sep in name_or_path for sep in (os.sep, os.altsep) if sep)
+                and not _HUB_ID.fullmatch(name_or_path)))
+
+
+def check_model_source(name_or_path: str, field: str = "model.policy") -> None:
+    """Raise `ModelSourceError` when `name_or_path` is a local folder that loading would fail on:
+    missing, not a folder, or without config.json, a tokenizer or weights. The built-in `tiny` and
+    hub ids pass (whether a hub id exists is only known by loading it)."""
+    if name_or_path == BUILT_IN:
+        return
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        if _is_local_path(name_or_path):
+            raise ModelSourceError(f"{field}: {name_or_path}: no such folder")
+        return
+    if not folder.is_dir():
+        raise ModelSourceError(f"{field}: {name_or_path} is not a folder (a model is a folder with config.json, "
+                               "a tokenizer and weights)")
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{field}: {name_or_path} has no config.json")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelSourceError(f"{field}: {name_or_path} has no tokenizer ({' or '.join(_TOKENIZER_FILES)} missing)")
+    if not any(next(folder.glob(pattern), None) for pattern in _WEIGHT_GLOBS):
+        raise ModelSourceError(f"{field}: {name_or_path} has no weights ({' or '.join(_WEIGHT_GLOBS)} missing)")
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -1,6 +1,8 @@
 """Prompt format and the fixed train/test splits, written once as Parquet and reused."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from problems.arithmetic import Difficulty, generate_splits
-from problems.gsm8k import load_gsm8k
+from problems.gsm8k import DatasetError, load_gsm8k
 
 PROBLEM_SCHEMA = pa.schema(
     [("id", pa.string()), ("question", pa.string()), ("solution", pa.string()), ("answer", pa.string())]
@@ -33,33 +35,62 @@ def read_problems(path: str | Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _file_sha256(path: str, field: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise DatasetError(f"{field}: {path}: cannot read ({err.strerror or type(err).__name__})") from None
+
+
+def split_key(data_cfg) -> str:
+    """The name of the splits' folder: a hash of `data_cfg`, and for GSM8K-format files of their
+    content too, so a file edited in place makes new splits instead of reusing the old ones."""
+    fields = data_cfg.model_dump()
+    if data_cfg.prompt_set != "arithmetic":
+        fields["content_sha256"] = {field: _file_sha256(path, f"data.{field}")
+                                    for field, path in (("prompt_set", data_cfg.prompt_set),
+                                                        ("test_set", data_cfg.test_set)) if path}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _load_gsm8k_field(data_cfg, field: str) -> list[dict]:
+    path = getattr(data_cfg, field)
+    try:
+        return load_gsm8k(path, skip_malformed=data_cfg.skip_malformed)
+    except DatasetError as err:
+        raise DatasetError(f"data.{field}: {err}") from None
+
+
+def load_splits(data_cfg) -> tuple[list[dict], list[dict]]:
+    """(train, test) problems of `data_cfg` (a `DataConfig`), in memory. A bad GSM8K-format file raises
+    `DatasetError` naming the field, the file and the line."""
+    if data_cfg.prompt_set == "arithmetic":
+        return generate_splits(
+            data_cfg.train_size, data_cfg.test_size, data_cfg.seed, Difficulty(**data_cfg.arithmetic.model_dump())
+        )
+    train = _load_gsm8k_field(data_cfg, "prompt_set")
+    if data_cfg.test_set:
+        test = _load_gsm8k_field(data_cfg, "test_set")[: data_cfg.test_size]
+    else:
+        test, train = train[: data_cfg.test_size], train[data_cfg.test_size:]
+    train = train[: data_cfg.train_size]
+    if not train or not test:
+        raise DatasetError(f"data.prompt_set: {data_cfg.prompt_set}: too few problems for a train and a test split "
+                           f"(data.test_size is {data_cfg.test_size})")
+    return train, test
+
+
 def prepare_splits(data_cfg, data_dir: Path) -> tuple[Path, Path]:
     """(train, test) Parquet paths for `data_cfg` (a `DataConfig`), generated or loaded once.
 
-    The built-in task is keyed by its knobs, so a change of difficulty or size makes new splits
-    instead of silently reusing old ones.
+    Keyed by `split_key`, so a change of difficulty, size or file content makes new splits instead of
+    silently reusing old ones.
     """
-    import hashlib
-    import json
-
-    key = hashlib.sha256(json.dumps(data_cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
-    out = data_dir / key
+    out = data_dir / split_key(data_cfg)
     train_path, test_path = out / "train.parquet", out / "test.parquet"
     if train_path.exists() and test_path.exists():
         return train_path, test_path
-    if data_cfg.prompt_set == "arithmetic":
-        train, test = generate_splits(
-            data_cfg.train_size, data_cfg.test_size, data_cfg.seed, Difficulty(**data_cfg.arithmetic.model_dump())
-        )
-    else:
-        train = load_gsm8k(data_cfg.prompt_set, skip_malformed=data_cfg.skip_malformed)
-        if data_cfg.test_set:
-            test = load_gsm8k(data_cfg.test_set, skip_malformed=data_cfg.skip_malformed)[: data_cfg.test_size]
-        else:
-            test, train = train[: data_cfg.test_size], train[data_cfg.test_size:]
-        train = train[: data_cfg.train_size]
-        if not train or not test:
-            raise ValueError(f"data.prompt_set {data_cfg.prompt_set}: too few problems for a train and a test split")
+    train, test = load_splits(data_cfg)
     write_problems(test, test_path)
     write_problems(train, train_path)
     return train_path, test_path

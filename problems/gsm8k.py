@@ -2,6 +2,8 @@
 
 The answer holds the worked solution and ends with `#### N`; steps may carry calculator
 annotations `<<48/2=24>>`, which are stripped from the solution the policy is trained on.
+JSONL is read as UTF-8 whatever the locale. Every problem with a file is a `DatasetError` (a
+`configs.UserError`) naming the file and line, never echoing the file's bytes.
 """
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ import logging
 import re
 from pathlib import Path
 
+from configs.schema import UserError
 from problems.verify import ANSWER_MARK, extract_answer
 
 log = logging.getLogger(__name__)
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
-class DatasetError(ValueError):
-    """A malformed dataset; the message names the file and line."""
+class DatasetError(UserError):
+    """A missing, unreadable or malformed dataset; the message names the file (and line)."""
 
 
 def _to_problem(row: object, where: str, idx: int) -> dict:
@@ -39,15 +42,30 @@ def _to_problem(row: object, where: str, idx: int) -> dict:
 
 
 def _rows(path: Path):
-    """(location, row) pairs; a line that is not JSON yields its error as the row."""
+    """(location, row) pairs; a line that is not UTF-8 or not JSON yields its error as the row. JSONL is
+    read as UTF-8 whatever the locale, and an undecodable line is named by number, never echoed."""
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError):
+            raise DatasetError(f"{path}: not a readable Parquet file") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
             yield f"{path}:row {i}", row
         return
-    with path.open() as f:
-        for i, line in enumerate(f, start=1):
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    with f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield f"{path}:{i}", DatasetError(f"{path}:{i}: not valid UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -60,8 +78,8 @@ def load_gsm8k(path: str | Path, *, skip_malformed: bool = False) -> list[dict]:
     """Problems as {id, question, solution, answer}. A malformed row fails the load, naming file and
     line, unless `skip_malformed`, in which case it is skipped and the count is logged."""
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
+    if not path.is_file():
+        raise DatasetError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     problems, skipped = [], 0
     for idx, (where, row) in enumerate(_rows(path)):
         try:
