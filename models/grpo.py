@@ -29,6 +29,13 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+def zero_outside(x: Tensor, mask: Tensor) -> Tensor:
+    """x with every position outside `mask` (bool) set to 0: exactly 0, with exactly zero gradient
+    there, even where x holds inf or NaN (0 * inf is NaN, so multiplying by the mask is not enough;
+    torch.where sends no gradient to the branch it did not select)."""
+    return torch.where(mask, x, x.new_zeros(()))
+
+
 def aggregate_sequence(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
     """Paper: mean over each output's own tokens, then mean over outputs. [B, T] -> [].
 
@@ -37,19 +44,19 @@ def aggregate_sequence(values: Tensor, mask: Tensor, max_len: int | None = None)
     only differs from TRL's "grpo" (which divides by B) when such rows exist.
     """
     tokens = mask.sum(-1)
-    row_mean = values.masked_fill(~mask, 0).sum(-1) / tokens.clamp(min=1)
+    row_mean = zero_outside(values, mask).sum(-1) / tokens.clamp(min=1)
     return row_mean.sum() / (tokens > 0).sum().clamp(min=1)
 
 
 def aggregate_token(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
     """DAPO: sum over all tokens of the batch / number of tokens. [B, T] -> []."""
-    return values.masked_fill(~mask, 0).sum() / mask.sum().clamp(min=1)
+    return zero_outside(values, mask).sum() / mask.sum().clamp(min=1)
 
 
 def aggregate_dr_grpo(values: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
     """Dr. GRPO: sum over tokens / (B * max_len), a constant that has no length bias. [B, T] -> []."""
     max_len = values.shape[-1] if max_len is None else max_len
-    return values.masked_fill(~mask, 0).sum() / (values.shape[0] * max_len)
+    return zero_outside(values, mask).sum() / (values.shape[0] * max_len)
 
 
 LOSS_AGGREGATIONS: Mapping[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
@@ -103,33 +110,24 @@ def grpo_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
 
-    # Padding positions can hold anything (-inf logp, NaN). Replace them with 0
-    # before any arithmetic: multiplying by the mask afterwards is not enough,
-    # since 0 * inf = NaN in the forward and backward. torch.where sends exactly
-    # zero gradient to the branch it did not select.
-    zero = logp.new_zeros(())
-    logp = torch.where(mask, logp, zero)
-    old_logp = torch.where(mask, old_logp, zero)
-    advantages = torch.where(mask, advantages, zero)
+    # Padding positions can hold anything (-inf logp, NaN): zeroed before any arithmetic.
+    logp = zero_outside(logp, mask)
+    old_logp = zero_outside(old_logp, mask)
+    advantages = zero_outside(advantages, mask)
 
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     surr = torch.minimum(ratio * advantages, clipped * advantages)
-    kl = kl_k3(logp, torch.where(mask, ref_logp, zero)) if ref_logp is not None else torch.zeros_like(logp)
+    kl = kl_k3(logp, zero_outside(ref_logp, mask)) if ref_logp is not None else torch.zeros_like(logp)
     objective = surr - beta * kl if beta != 0 else surr
     loss = -aggregate(objective, mask, max_len)
 
     with torch.no_grad():
-        n_tokens = mask.sum().clamp(min=1)
-
-        def masked_mean(x: Tensor) -> float:
-            return (x.masked_fill(~mask, 0).sum() / n_tokens).item()
-
         metrics = {
-            "kl": masked_mean(kl),
-            "clip_frac_low": masked_mean(((advantages < 0) & (ratio < 1 - eps_low)).to(logp.dtype)),
-            "clip_frac_high": masked_mean(((advantages > 0) & (ratio > 1 + eps_high)).to(logp.dtype)),
-            "ratio_mean": masked_mean(ratio),
+            "kl": aggregate_token(kl, mask).item(),
+            "clip_frac_low": aggregate_token(((advantages < 0) & (ratio < 1 - eps_low)).to(logp.dtype), mask).item(),
+            "clip_frac_high": aggregate_token(((advantages > 0) & (ratio > 1 + eps_high)).to(logp.dtype), mask).item(),
+            "ratio_mean": aggregate_token(ratio, mask).item(),
             "pg_loss": -aggregate(surr, mask, max_len).item(),
         }
     return loss, metrics

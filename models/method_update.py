@@ -2,8 +2,8 @@
 
     method_update(policy, optimizer, batch, method, ...)
 
-`batch` is a `MethodBatch`: the step's outputs (prompt and completion token ids), their rule
-correctness and reward, and, for GRPO, the group-relative advantages. Per method:
+`batch` is a `models.trainer.UpdateBatch`: the step's outputs (prompt and completion token ids), their
+rule correctness and reward, and, for GRPO, the group-relative advantages. Per method:
 
 | method     | what this function does with the batch                                             |
 |------------|------------------------------------------------------------------------------------|
@@ -24,48 +24,16 @@ grad-norm clip and one AdamW step, as in models/trainer.py. One update per batch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 
 from models.methods import (dpo_pairs, gae_advantages, get_method, masked_sum, ppo_token_rewards,
                             ppo_value_loss)
 from models.policy import completion_logprobs
-from models.trainer import UpdateBatch, micro_batch_share, accumulate_policy_gradients, grpo_update
+from models.trainer import UpdateBatch, accumulate_policy_gradients, grpo_update, micro_batch_share
 
 
-@dataclass
-class MethodBatch:
-    """B rows laid out group after group (`group_size` outputs per question).
-
-    correct: [B] bool (rule verifier); rewards: [B] float (the outcome reward, PPO's r_phi);
-    advantages: [B] or [B, T] (GRPO only).
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    correct: torch.Tensor
-    rewards: torch.Tensor
-    group_size: int = 1
-    advantages: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return max((len(c) for c in self.completion_ids), default=0)
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
-
-    def rows(self, index: list[int]) -> "MethodBatch":
-        return MethodBatch([self.prompt_ids[i] for i in index], [self.completion_ids[i] for i in index],
-                           self.correct[index], self.rewards[index], 1,
-                           None if self.advantages is None else self.advantages[index])
-
-
-def _mask(batch: MethodBatch, device) -> torch.Tensor:
-    T, B = batch.width, len(batch)
-    lens = torch.tensor([len(c) for c in batch.completion_ids], device=device)
-    return torch.arange(T, device=device).expand(B, T) < lens.unsqueeze(1)
+# The name stages/method_data.py and tests/test_compare_methods.py still import; one batch type serves every method.
+MethodBatch = UpdateBatch
 
 
 # ---- the value model ---------------------------------------------------------------------------
@@ -104,7 +72,7 @@ def value_model_size(value_model) -> dict[str, float]:
 
 
 # ---- the update --------------------------------------------------------------------------------
-def _weighted_nll_update(policy, batch: MethodBatch, loss_fn, mask, *, pad_id, aggregation, micro_batch_size):
+def _weighted_nll_update(policy, batch: UpdateBatch, loss_fn, mask, *, pad_id, aggregation, micro_batch_size):
     def loss_of(rows, logp, mb_mask, _entropy):
         return loss_fn(logp, mb_mask, {"correct": batch.correct[rows].to(logp.device)}, aggregation=aggregation,
                        max_len=batch.width)
@@ -113,7 +81,7 @@ def _weighted_nll_update(policy, batch: MethodBatch, loss_fn, mask, *, pad_id, a
                                        aggregation=aggregation, micro_batch_size=micro_batch_size)
 
 
-def _dpo_update(policy, batch: MethodBatch, ref_model, *, pad_id, beta, micro_batch_size, seed):
+def _dpo_update(policy, batch: UpdateBatch, ref_model, *, pad_id, beta, micro_batch_size, seed):
     method = get_method("dpo")
     pairs = dpo_pairs(batch.correct.tolist(), batch.group_size, seed=seed)
     if not pairs:
@@ -139,7 +107,7 @@ def _dpo_update(policy, batch: MethodBatch, ref_model, *, pad_id, beta, micro_ba
     return totals, True
 
 
-def _ppo_update(policy, optimizer, batch: MethodBatch, mask, *, pad_id, ref_model, value_model, value_optimizer,
+def _ppo_update(policy, optimizer, batch: UpdateBatch, mask, *, pad_id, ref_model, value_model, value_optimizer,
                 beta, gamma, lam, value_clip, whiten, eps_low, eps_high, aggregation, grad_clip, micro_batch_size):
     if value_model is None or value_optimizer is None:
         raise ValueError("ppo needs a value model and its optimizer")
@@ -192,7 +160,7 @@ def _ppo_update(policy, optimizer, batch: MethodBatch, mask, *, pad_id, ref_mode
     return totals
 
 
-def method_update(policy, optimizer, batch: MethodBatch, method: str, *, pad_id: int, ref_model=None,
+def method_update(policy, optimizer, batch: UpdateBatch, method: str, *, pad_id: int, ref_model=None,
                   value_model=None, value_optimizer=None, beta: float = 0.04, dpo_beta: float = 0.1,
                   gamma: float = 1.0, lam: float = 1.0, value_clip: float = 0.2, whiten_advantages: bool = True,
                   eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
@@ -205,16 +173,14 @@ def method_update(policy, optimizer, batch: MethodBatch, method: str, *, pad_id:
     """
     t0 = time.perf_counter()
     if method == "grpo":
-        if batch.advantages is None:
-            raise ValueError("grpo needs batch.advantages (stages.advantages.compute_advantages)")
-        return grpo_update(policy, optimizer, UpdateBatch(batch.prompt_ids, batch.completion_ids, batch.advantages),
+        return grpo_update(policy, optimizer, batch,
                            pad_id=pad_id, ref_model=ref_model, beta=beta, eps_low=eps_low, eps_high=eps_high,
                            aggregation=aggregation, grad_clip=grad_clip, micro_batch_size=micro_batch_size)
     get_method(method)  # unknown names fail here
     if method in ("dpo", "ppo") and ref_model is None and (method == "dpo" or beta > 0):
         raise ValueError(f"{method} needs a reference model")
     device = next(policy.parameters()).device
-    mask = _mask(batch, device)
+    mask = batch.completion_mask(device)
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     stepped = True

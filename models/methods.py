@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.grpo import get_loss_aggregation, grpo_loss
+from models.grpo import aggregate_token, get_loss_aggregation, grpo_loss, zero_outside
 
 MethodLoss = Callable[..., tuple[Tensor, dict[str, float]]]
 
@@ -71,18 +71,9 @@ def _check_shapes(logp: Tensor, mask: Tensor, **others: Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, logp has {tuple(logp.shape)}")
 
 
-def _masked(x: Tensor, mask: Tensor) -> Tensor:
-    """x with padding positions replaced by 0 (exactly zero gradient there, even for inf/NaN)."""
-    return torch.where(mask, x, x.new_zeros(()))
-
-
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
     """Sum over each row's masked tokens, [B, T] -> [B]; padding may hold inf/NaN."""
-    return _masked(x, mask.bool()).sum(-1)
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return _masked(x, mask).sum() / mask.sum().clamp(min=1)
+    return zero_outside(x, mask.bool()).sum(-1)
 
 
 def weighted_nll(
@@ -101,7 +92,8 @@ def weighted_nll(
     coefficients = coefficients.detach().to(logp.dtype)
     if coefficients.dim() == 1:
         coefficients = coefficients.unsqueeze(-1)
-    return -get_loss_aggregation(aggregation)(_masked(coefficients * _masked(logp, mask), mask), mask, max_len)
+    weighted = zero_outside(coefficients * zero_outside(logp, mask), mask)
+    return -get_loss_aggregation(aggregation)(weighted, mask, max_len)
 
 
 # ---- SFT, RFT, online RFT ----------------------------------------------------------------------
@@ -261,7 +253,7 @@ def ppo_token_rewards(rm_score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Te
     _check_shapes(logp, mask, ref_logp=ref_logp)
     mask = mask.bool()
     with torch.no_grad():
-        rewards = _masked(-beta * (_masked(logp, mask) - _masked(ref_logp, mask)), mask)
+        rewards = zero_outside(-beta * (zero_outside(logp, mask) - zero_outside(ref_logp, mask)), mask)
         T = mask.shape[-1]
         last = (T - 1 - mask.flip(-1).int().argmax(-1)).unsqueeze(-1)  # last true index per row
         has = mask.any(-1, keepdim=True)
@@ -274,9 +266,9 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """(x - mean) / (std + eps) over the masked tokens (sample std), 0 outside. [B, T]."""
     mask = mask.bool()
     n = mask.sum().clamp(min=2)
-    mean = _masked(x, mask).sum() / mask.sum().clamp(min=1)
-    var = _masked((x - mean) ** 2, mask).sum() / (n - 1)
-    return _masked((x - mean) / (var.sqrt() + eps), mask)
+    mean = aggregate_token(x, mask)
+    var = zero_outside((x - mean) ** 2, mask).sum() / (n - 1)
+    return zero_outside((x - mean) / (var.sqrt() + eps), mask)
 
 
 def gae_advantages(
@@ -300,7 +292,7 @@ def gae_advantages(
     _check_shapes(rewards, mask, values=values)
     mask = mask.bool()
     with torch.no_grad():
-        rewards, values = _masked(rewards, mask), _masked(values, mask)
+        rewards, values = zero_outside(rewards, mask), zero_outside(values, mask)
         advantages = torch.zeros_like(rewards)
         next_value = rewards.new_zeros(rewards.shape[0])
         next_adv = rewards.new_zeros(rewards.shape[0])
@@ -311,7 +303,7 @@ def gae_advantages(
             next_value = torch.where(m, values[:, t], next_value)
             next_adv = torch.where(m, adv, next_adv)
             advantages[:, t] = torch.where(m, adv, torch.zeros_like(adv))
-        returns = _masked(advantages + values, mask)
+        returns = zero_outside(advantages + values, mask)
         if whiten:
             advantages = masked_whiten(advantages, mask)
     return advantages, returns
@@ -334,16 +326,16 @@ def ppo_value_loss(
     """
     _check_shapes(values, mask, old_values=old_values, returns=returns)
     mask = mask.bool()
-    values = _masked(values, mask)
-    old_values, returns = _masked(old_values.detach(), mask), _masked(returns.detach(), mask)
+    values = zero_outside(values, mask)
+    old_values, returns = zero_outside(old_values.detach(), mask), zero_outside(returns.detach(), mask)
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * _masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * aggregate_token(torch.maximum(unclipped_err, clipped_err), mask)
     with torch.no_grad():
         metrics = {
             "vf_loss": loss.item(),
-            "vf_clip_frac": _masked_mean((clipped_err > unclipped_err).to(values.dtype), mask).item(),
-            "vf_mean": _masked_mean(values, mask).item(),
+            "vf_clip_frac": aggregate_token((clipped_err > unclipped_err).to(values.dtype), mask).item(),
+            "vf_mean": aggregate_token(values, mask).item(),
         }
     return loss, metrics
 

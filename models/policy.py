@@ -46,13 +46,19 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
     return PackedBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), lens.to(device))
 
 
+def completion_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, T=width] bool, true on row i's first lengths[i] columns: the completion tokens of the
+    left-aligned layout. lengths: [B] (long), on the device the mask is wanted on."""
+    return torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)
+
+
 def right_to_left(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """[B, T] right-aligned rows (valid entries are each row's last lens[i]) -> left-aligned, zeros after."""
     B, T = x.shape
     cols = torch.arange(T, device=x.device).expand(B, T)
     src = (cols + (T - lens).unsqueeze(1)).clamp(max=T - 1)
     out = x.gather(1, src)
-    return torch.where(cols < lens.unsqueeze(1), out, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(completion_mask(lens, T), out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
@@ -101,6 +107,5 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
                     ent = torch.cat([right_to_left(en, pb.completion_lens), ent[:, t_mb:]], dim=1)
             logps.append(logp)
             ents.append(ent)
-    lens = torch.tensor([len(c) for c in completion_ids], device=device)
-    mask = torch.arange(T, device=device).expand(B, T) < lens.unsqueeze(1)
+    mask = completion_mask(torch.tensor([len(c) for c in completion_ids], device=device), T)
     return torch.cat(logps), mask, (torch.cat(ents) if return_entropy else None)

@@ -19,24 +19,45 @@ from dataclasses import dataclass
 import torch
 
 from models.grpo import grpo_loss
-from models.policy import completion_logprobs
+from models.policy import completion_logprobs, completion_mask
 
 
 @dataclass
 class UpdateBatch:
-    """What the update needs, without re-tokenising: B rows, T = the longest completion.
+    """What an update needs, without re-tokenising: B rows laid out group after group
+    (`group_size` outputs per question), T = the longest completion.
 
-    advantages: [B] (outcome) or [B, T] (process); sampler_logp: [B, T] (for the mismatch metric).
+    GRPO (`grpo_update`) reads advantages: [B] (outcome) or [B, T] (process), and sampler_logp: [B, T]
+    (for the sampler/trainer mismatch metric). The other methods (models/method_update.py) read
+    correct: [B] bool (rule verifier) and rewards: [B] float (PPO's r_phi).
     """
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
-    advantages: torch.Tensor
+    correct: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    group_size: int = 1
+    advantages: torch.Tensor | None = None
     sampler_logp: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
         return max((len(c) for c in self.completion_ids), default=0)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def completion_mask(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """[B, T] bool, true on completion tokens."""
+        return completion_mask(torch.tensor([len(c) for c in self.completion_ids], device=device), self.width)
+
+    def rows(self, index: list[int]) -> "UpdateBatch":
+        """The rows `index`, in that order, as single outputs (group_size 1)."""
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index]
+
+        return UpdateBatch([self.prompt_ids[i] for i in index], [self.completion_ids[i] for i in index],
+                           pick(self.correct), pick(self.rewards), 1, pick(self.advantages), pick(self.sampler_logp))
 
 
 def micro_batch_share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:
@@ -90,11 +111,12 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
     (entropy and the sampler/trainer log-prob gap: from the first, before any update)."""
     if beta > 0 and ref_model is None:
         raise ValueError(f"grpo.beta={beta} needs a reference model")
+    if batch.advantages is None:
+        raise ValueError("grpo needs batch.advantages (stages.advantages.compute_advantages)")
     t0 = time.perf_counter()
-    T, B = batch.width, len(batch.completion_ids)
+    T = batch.width
     device = next(policy.parameters()).device
-    mask = torch.arange(T, device=device).expand(B, T) < torch.tensor(
-        [len(c) for c in batch.completion_ids], device=device).unsqueeze(1)
+    mask = batch.completion_mask(device)
     adv = batch.advantages.to(device)
     ref_logp = frozen_logprobs(ref_model, batch, pad_id, micro_batch_size) if beta > 0 else None
     old_logp = frozen_logprobs(policy, batch, pad_id, micro_batch_size) if mu > 1 else None

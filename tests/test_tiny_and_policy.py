@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.loading import load_policy
-from models.policy import completion_logprobs, pack, right_to_left
+from models.policy import completion_logprobs, completion_mask, pack, right_to_left
 from models.tiny import build_tiny_model, build_tokenizer
 from problems.arithmetic import VOCAB_WORDS, generate_problems
 from problems.datasets import format_prompt
@@ -47,6 +47,13 @@ def test_pack_left_pads_and_positions_start_at_zero():
     assert pb.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
     assert pb.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]
     assert pb.completion_lens.tolist() == [1, 3]
+
+
+def test_completion_mask_is_true_on_each_rows_first_tokens():
+    mask = completion_mask(torch.tensor([2, 0, 3]), 3)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert completion_mask(torch.tensor([], dtype=torch.long), 4).shape == (0, 4)
 
 
 def test_right_to_left_alignment():

@@ -12,7 +12,26 @@ def _batch(tok, B=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(3, 8, (B,), generator=g)]
     comps = [torch.randint(3, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (B,), generator=g)]
-    return UpdateBatch(prompts, comps, torch.randn(B, generator=g))
+    return UpdateBatch(prompts, comps, advantages=torch.randn(B, generator=g))
+
+
+def test_update_batch_mask_and_rows_by_hand():
+    batch = UpdateBatch([[1], [2, 3], [4]], [[5, 6, 7], [], [8]], correct=torch.tensor([True, False, True]),
+                        rewards=torch.tensor([1.0, 0.0, 0.5]), group_size=3, advantages=torch.tensor([0.5, -1.0, 0.5]))
+    assert batch.width == 3 and len(batch) == 3
+    assert batch.completion_mask().tolist() == [[True, True, True], [False, False, False], [True, False, False]]
+    sub = batch.rows([2, 0])
+    assert sub.prompt_ids == [[4], [1]] and sub.completion_ids == [[8], [5, 6, 7]] and sub.group_size == 1
+    assert sub.correct.tolist() == [True, True] and sub.rewards.tolist() == [0.5, 1.0]
+    assert sub.advantages.tolist() == [0.5, 0.5] and sub.sampler_logp is None
+
+
+def test_grpo_update_needs_advantages(tiny):
+    model, tok = tiny
+    batch = _batch(tok)
+    batch.advantages = None
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, pad_id=tok.pad_token_id, beta=0.0)
 
 
 def _grads_after(model, batch, tok, **kw):
