@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from models.advantages import step_ends_from_tokens
@@ -261,26 +262,13 @@ def predict_logits(rm: ValueHeadRewardModel, examples: Sequence[Example], *, bat
 
 # ---- metrics (pure) ------------------------------------------------------------------------
 def roc_auc(scores: Sequence[float] | Tensor, labels: Sequence[float] | Tensor) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties count half); labels >= 0.5 are positives.
-    NaN when only one class is present."""
+    """Area under the ROC curve (ties count half); labels >= 0.5 are positives.
+    NaN when only one class is present (or none), where the area is undefined."""
     s = torch.as_tensor(scores, dtype=torch.float64).flatten()
     y = torch.as_tensor(labels, dtype=torch.float64).flatten() >= 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():  # roc_auc_score raises there; a held-out set may hold one class
         return float("nan")
-    # Average ranks over ties.
-    order = torch.argsort(s)
-    sorted_s = s[order]
-    ranks = torch.empty_like(s)
-    i, n = 0, len(s)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
+    return float(roc_auc_score(y.numpy(), s.numpy()))
 
 
 def accuracy(logits: Sequence[float] | Tensor, labels: Sequence[float] | Tensor) -> float:

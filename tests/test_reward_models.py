@@ -120,11 +120,13 @@ def test_bce_loss_and_metrics_by_hand():
     expected = -sum(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z)))
                     for z, y in zip(logits.tolist(), labels)) / 3
     assert bce_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
-    # AUC = fraction of (pos, neg) pairs ordered right, ties half.
-    scores, ys = [0.9, 0.8, 0.8, 0.3, 0.1], [1, 0, 1, 0, 0]
-    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1, y1 in zip(scores, ys) if y1 for s0, y0 in zip(scores, ys) if not y0]
-    assert roc_auc(scores, ys) == pytest.approx(sum(pairs) / len(pairs))
-    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+    # AUC = fraction of (pos, neg) pairs ordered right, ties half. Positives 0.9, 0.8 against negatives
+    # 0.8, 0.3, 0.1: 0.9 wins 3, 0.8 ties 0.8 and wins 2 -> 5.5 / 6. Labels >= 0.5 are positives.
+    assert roc_auc([0.9, 0.8, 0.8, 0.3, 0.1], [1, 0, 1, 0, 0]) == pytest.approx(5.5 / 6)
+    assert roc_auc([0.9, 0.8, 0.8, 0.3, 0.1], [0.5, 0.25, 1.0, 0.0, 0.4]) == pytest.approx(5.5 / 6)
+    # One class (or none): undefined, NaN rather than an error (a held-out set may be all correct).
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1])) and math.isnan(roc_auc([0.1, 0.2], [0.0, 0.2]))
+    assert math.isnan(roc_auc([], []))
     assert accuracy([1.0, -1.0, 0.2], [1, 1, 0]) == pytest.approx(1 / 3)
     assert majority_accuracy([1, 0, 0, 0]) == 0.75
     m = classification_metrics([3.0, -3.0], [1.0, 0.0])
