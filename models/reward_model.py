@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
+from transformers import get_cosine_schedule_with_warmup
 
 from models.advantages import step_ends_from_tokens
 from models.policy import pack
-from models.sft import warmup_cosine
 
 KINDS = ("outcome", "process")
 SCORE_MODES = ("probability", "logit")
@@ -219,7 +219,7 @@ def train_value_model(rm: ValueHeadRewardModel, examples: Sequence[Example], *, 
         groups.append({"params": list(rm.backbone.parameters()), "lr": lr})
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps))
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps, steps)
     rng = random.Random(seed)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -4,22 +4,14 @@ Masked LM loss on the completion (solution) tokens only; prompts are context, no
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Callable
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from models.policy import completion_logprobs
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def target_nll(model, prompt_ids: list[list[int]], target_ids: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -41,7 +33,7 @@ def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int
         raise ValueError("SFT needs at least one example")
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps))
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps, steps)
     order: list[int] = []
     losses = []
     model.train()
