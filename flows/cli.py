@@ -1,10 +1,16 @@
-"""The command line shared by the flows: `--config FILE` plus `key.sub=value` overrides."""
+"""The command line shared by the flows: `--config FILE` plus `key.sub=value` overrides.
+
+A mistake the user can fix (`configs.UserError`: a bad field, an unreadable file, a missing model
+folder) is printed as one line, `error: ...`, and the command exits with code 2 before any flow
+starts: `config_from_args` loads the config and runs `preflight`, the checks that are cheap enough
+to do up front.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from configs import ConfigError, PipelineConfig, load_config
+from configs import PipelineConfig, UserError, load_config
 
 
 def config_parser(description: str | None) -> argparse.ArgumentParser:
@@ -14,12 +20,33 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def preflight(cfg: PipelineConfig) -> None:
+    """What can be checked before a flow starts, in well under a second: the policy's local folder
+    (`model.policy`) has a config, a tokenizer and weights, and the GSM8K-format data files decode and
+    hold enough well-formed problems for both splits. Raises a `UserError` naming the field and file."""
+    from models.loading import check_model_source
+    from problems.datasets import load_splits
+
+    check_model_source(cfg.model.policy)
+    if cfg.data.prompt_set != "arithmetic":  # the built-in task is generated, so it cannot be malformed
+        load_splits(cfg.data)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message with every non-printable character escaped: a newline, a terminal control
+    code or an undecodable byte (a surrogate escape of a command-line argument) in a file name or key
+    cannot break the single line or reach the terminal raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err))
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig | None:
-    """The config the arguments name, or None after printing the one-line error (exit code 2)."""
+    """The config the arguments name, preflight-checked, or None after printing the one-line error
+    (the caller exits with code 2)."""
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        preflight(cfg)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return None
     from transformers.utils import logging as hf_logging
 
