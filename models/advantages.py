@@ -10,6 +10,7 @@ Pure functions over tensors. Every batch is laid out group after group: outputs
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -145,12 +146,21 @@ def step_ends_from_tokens(token_ids: Sequence[int] | Tensor, delimiter_ids: Iter
     return ends
 
 
-def delimiter_token_ids(tokenizer, delimiter: str = "\n") -> frozenset[int]:
-    """Ids of vocabulary tokens whose decoded text contains `delimiter`.
+# Computed once per tokenizer object, and only for as long as that object lives: keyed by the object
+# through a weak reference, not by id(), which Python reuses for a new object once the old is freed.
+_NEWLINE_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    A BPE vocabulary holds many tokens containing a newline ("\\n", "\\n\\n", ".\\n"),
-    so matching one id would miss step boundaries. Duck-typed: needs only
-    `get_vocab()` and `decode(list[int])`. Decodes the whole vocabulary: call once.
+
+def delimiter_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the vocabulary tokens whose decoded text contains a newline: the step delimiters, and
+    the tokens the samplers' answer-line stop watches for (models/generation.py).
+
+    A BPE vocabulary holds many tokens containing a newline ("\\n", "\\n\\n", ".\\n"), so matching one
+    id would miss step boundaries. Duck-typed: needs only `get_vocab()` and `decode(list[int])`.
+    Decoding the whole vocabulary is slow, so the set is cached per tokenizer object.
     """
-    return frozenset(i for i in tokenizer.get_vocab().values() if delimiter in tokenizer.decode([i]))
-
+    ids = _NEWLINE_TOKENS.get(tokenizer)
+    if ids is None:
+        ids = frozenset(i for i in tokenizer.get_vocab().values() if "\n" in tokenizer.decode([i]))
+        _NEWLINE_TOKENS[tokenizer] = ids
+    return ids

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
     StoppingCriteriaList
 
+from models.advantages import delimiter_token_ids
 from models.policy import pack
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -78,7 +79,7 @@ class AnswerLineStop(StoppingCriteria):
 
     def __init__(self, tokenizer, marker: str, prompt_width: int, rows: int):
         self.tokenizer, self.marker, self.start = tokenizer, marker, prompt_width
-        self.newline_ids = newline_token_ids(tokenizer)
+        self.newline_ids = delimiter_token_ids(tokenizer)
         self.stop_len: dict[int, int] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
@@ -95,18 +96,6 @@ class AnswerLineStop(StoppingCriteria):
         return done
 
 
-_NEWLINE_CACHE: dict[int, frozenset[int]] = {}
-
-
-def newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids whose decoded text contains a newline (computed once per tokenizer)."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_CACHE:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_CACHE[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
-    return _NEWLINE_CACHE[key]
-
-
 def answer_line_ended(text: str, marker: str) -> bool:
     idx = text.find(marker)
     return idx >= 0 and "\n" in text[idx:]
@@ -115,7 +104,7 @@ def answer_line_ended(text: str, marker: str) -> bool:
 def cut_after_answer_line(c: Completion, tokenizer, marker: str) -> Completion:
     """The same stop rule applied after the fact (for samplers that cannot stop on it themselves):
     the completion ends at the newline closing the `marker` line; the rest is dropped."""
-    newline_ids = newline_token_ids(tokenizer)
+    newline_ids = delimiter_token_ids(tokenizer)
     for j, tok in enumerate(c.token_ids):
         if tok in newline_ids and answer_line_ended(tokenizer.decode(c.token_ids[: j + 1]), marker):
             if j + 1 == len(c.token_ids) and c.finish_reason == FINISH_EOS:

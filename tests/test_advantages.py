@@ -1,4 +1,6 @@
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -145,18 +147,38 @@ def test_step_ends_from_tokens():
 
 
 class FakeTokenizer:
-    vocab = {"a": 0, "\n": 1, "b\n": 2, "\n\n": 3, "c": 4}
+    def __init__(self, vocab=None):
+        self.vocab = vocab or {"a": 0, "\n": 1, "b\n": 2, "\n\n": 3, "c": 4}
+        self.decodes = 0
 
     def get_vocab(self):
         return dict(self.vocab)
 
     def decode(self, ids):
+        self.decodes += 1
         inverse = {i: s for s, i in self.vocab.items()}
         return "".join(inverse[i] for i in ids)
 
 
 def test_delimiter_token_ids_and_steps():
-    ids = delimiter_token_ids(FakeTokenizer(), "\n")
+    ids = delimiter_token_ids(FakeTokenizer())
     assert ids == {1, 2, 3}
     assert step_ends_from_tokens([0, 2, 4, 4, 3, 0], ids) == [1, 4, 5]
 
+
+
+def test_delimiter_token_ids_are_cached_per_tokenizer_object_and_do_not_keep_it_alive():
+    tok = FakeTokenizer()
+    assert delimiter_token_ids(tok) == {1, 2, 3} and tok.decodes == 5  # one decode per vocabulary entry
+    assert delimiter_token_ids(tok) == {1, 2, 3} and tok.decodes == 5  # cached
+    other = FakeTokenizer({"\n": 0, "x": 1})
+    assert delimiter_token_ids(other) == {0}  # another object, its own set
+    alive = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert alive() is None  # the cache holds no strong reference, so no stale entry can outlive its tokenizer
+
+
+def test_delimiter_token_ids_of_the_tiny_tokenizer_are_the_newline_alone(tiny):
+    _, tok = tiny
+    assert delimiter_token_ids(tok) == {tok.convert_tokens_to_ids("\n")}
