@@ -19,7 +19,8 @@ rule correctness and reward, and, for GRPO, the group-relative advantages. Per m
 
 Every policy loss is accumulated over micro-batches with the micro-batch's share of the full-batch
 denominator (models.trainer.micro_batch_share), so the accumulated gradient is the full-batch gradient; then
-grad-norm clip and one AdamW step, as in models/trainer.py. One update per batch (mu = 1).
+grad-norm clip and one AdamW step, as in models/trainer.py (`clip_and_step`: no step on an inf/NaN loss
+or norm). One update per batch (mu = 1).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from models.methods import (dpo_pairs, gae_advantages, get_method, masked_sum, ppo_token_rewards,
                             ppo_value_loss)
 from models.policy import completion_logprobs
-from models.trainer import UpdateBatch, accumulate_policy_gradients, grpo_update, micro_batch_share
+from models.trainer import UpdateBatch, accumulate_policy_gradients, clip_and_step, grpo_update, micro_batch_share
 
 
 # The name stages/method_data.py and tests/test_compare_methods.py still import; one batch type serves every method.
@@ -197,8 +198,7 @@ def method_update(policy, optimizer, batch: UpdateBatch, method: str, *, pad_id:
                              eps_high=eps_high, aggregation=aggregation, grad_clip=grad_clip,
                              micro_batch_size=micro_batch_size)
     if stepped:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip))
-        optimizer.step()
+        totals["grad_norm"] = clip_and_step(policy, optimizer, totals["loss"], grad_clip)
     policy.eval()
     seconds = time.perf_counter() - t0
     totals["update_seconds"] = seconds

@@ -4,7 +4,7 @@
     old_logp  <- policy, no grad, teacher-forced             (only when mu > 1)
     repeat mu times:
         for each micro-batch: loss = grpo_loss(...) * its share of the batch; backward
-        clip grad norm; AdamW step
+        clip grad norm; AdamW step         (not taken, NonFiniteUpdateError, if loss or norm is inf/NaN)
 
 With mu == 1 the policy that sampled is the policy being updated, so `old_logp` is the update's
 own log-probs detached: the ratio is 1 in value but still carries the gradient (spec). With
@@ -13,6 +13,7 @@ rather than taken from the sampler, whose numerics (vLLM's above all) differ.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -69,6 +70,26 @@ def micro_batch_share(mask: torch.Tensor, rows: slice, aggregation: str) -> floa
     if aggregation == "sequence":  # rows with no tokens are left out of the mean (models/grpo.py)
         return float(mb.any(-1).sum()) / max(1.0, float(mask.any(-1).sum()))
     return mb.shape[0] / mask.shape[0]
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """A loss or gradient norm was inf or NaN; the update stopped before its optimizer step."""
+
+
+def clip_and_step(model, optimizer, loss: float, grad_clip: float) -> float:
+    """Clip the accumulated gradients' norm to `grad_clip` and take the optimizer step; returns the
+    norm before clipping.
+
+    Raises NonFiniteUpdateError before the step when `loss` or the norm is inf or NaN: one such
+    step writes NaN into every weight AdamW touches, and the caller would checkpoint them.
+    """
+    if not math.isfinite(loss):
+        raise NonFiniteUpdateError(f"non-finite loss {loss}: update stopped before the optimizer step")
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if not math.isfinite(norm):
+        raise NonFiniteUpdateError(f"non-finite gradient norm {norm}: update stopped before the optimizer step")
+    optimizer.step()
+    return norm
 
 
 @torch.no_grad()
@@ -140,8 +161,7 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
         metrics = accumulate_policy_gradients(policy, batch.prompt_ids, batch.completion_ids, mask, loss_of,
                                               pad_id=pad_id, aggregation=aggregation,
                                               micro_batch_size=micro_batch_size, want_entropy=inner == 0)
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip))
-        optimizer.step()
+        metrics["grad_norm"] = clip_and_step(policy, optimizer, metrics["loss"], grad_clip)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + (v if k in ("entropy", "sampler_logp_gap") else v / mu)
     policy.eval()

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from models.trainer import UpdateBatch, grpo_update
+from models.trainer import NonFiniteUpdateError, UpdateBatch, grpo_update
 from stages.checkpoints import load_optimizer, save_checkpoint
 
 
@@ -32,6 +32,41 @@ def test_grpo_update_needs_advantages(tiny):
     batch.advantages = None
     with pytest.raises(ValueError, match="advantages"):
         grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, pad_id=tok.pad_token_id, beta=0.0)
+
+
+def _assert_update_stops_with_weights_unchanged(m, batch, tok, match):
+    """grpo_update on `m` (a copy, changed in place) raises `match` and leaves every weight as it was."""
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    with pytest.raises(NonFiniteUpdateError, match=match) as err:
+        grpo_update(m, opt, batch, pad_id=tok.pad_token_id, beta=0.0)
+    assert "\n" not in str(err.value)
+    for k, v in m.state_dict().items():  # equal_nan: the planted NaN weight stays where it was
+        assert torch.allclose(before[k], v, rtol=0, atol=0, equal_nan=True), k
+    assert opt.state_dict()["state"] == {}  # AdamW never stepped: no moments either
+
+
+def test_a_nan_advantage_stops_the_update_before_any_weight_changes(tiny):
+    model, tok = tiny
+    batch = _batch(tok)
+    batch.advantages[2] = float("nan")
+    _assert_update_stops_with_weights_unchanged(copy.deepcopy(model), batch, tok,
+                                                r"^non-finite loss nan: update stopped before the optimizer step$")
+
+
+def test_a_nan_weight_stops_the_update_before_any_weight_changes(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.model.norm.weight[0] = float("nan")  # the final norm: every logit turns NaN
+    _assert_update_stops_with_weights_unchanged(m, _batch(tok), tok, r"^non-finite loss nan")
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_the_update(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    m.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    _assert_update_stops_with_weights_unchanged(m, _batch(tok), tok, r"^non-finite gradient norm nan: update stopped")
 
 
 def _grads_after(model, batch, tok, **kw):
