@@ -1,14 +1,12 @@
-"""Group-relative advantages for one step's scored rollouts, and the update batch read back."""
+"""Group-relative advantages for one step's scored rollouts (in memory), and the update's batch from them."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from models.advantages import outcome_advantages, process_advantages
 from models.trainer import UpdateBatch
-from stages.rollout_store import add_columns, padded, read_rollouts
+from stages.rollout_store import padded, with_columns
 
 
 def _check_layout(table: pa.Table, group_size: int) -> None:
@@ -19,14 +17,13 @@ def _check_layout(table: pa.Table, group_size: int) -> None:
         raise ValueError(f"rollouts are not laid out group after group with {group_size} samples each")
 
 
-def compute_advantages(rollout_path: str | Path, *, supervision: str, group_size: int, eps: float = 1e-4,
-                       scale: str = "group") -> Path:
-    """Adds `advantages` (one float per completion token) to the step's file.
+def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, eps: float = 1e-4,
+                       scale: str = "group") -> pa.Table:
+    """`table` (scored) with `advantages` added: one float per completion token.
 
     outcome: the normalised reward of the output, on every token; process: the suffix sum of
-    normalised step rewards (models/advantages.py). Returns the path.
+    normalised step rewards (models/advantages.py).
     """
-    table = read_rollouts(rollout_path)
     _check_layout(table, group_size)
     lengths = table.column("completion_length").to_pylist()
     if supervision == "outcome":
@@ -40,12 +37,11 @@ def compute_advantages(rollout_path: str | Path, *, supervision: str, group_size
         rows = [adv[i, :n].tolist() for i, n in enumerate(lengths)]
     else:
         raise ValueError(f"reward.supervision: unknown {supervision!r} (outcome | process)")
-    return add_columns(rollout_path, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
+    return with_columns(table, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
 
 
-def read_update_batch(rollout_path: str | Path) -> UpdateBatch:
+def update_batch(table: pa.Table) -> UpdateBatch:
     """The tensors the update needs, from the stored token ids (no re-tokenising)."""
-    table = read_rollouts(rollout_path)
     return UpdateBatch(
         prompt_ids=table.column("prompt_ids").to_pylist(),
         completion_ids=table.column("completion_ids").to_pylist(),

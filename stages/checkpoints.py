@@ -1,23 +1,22 @@
-"""Checkpoints and run state on disk: safetensors and JSON only, never pickle.
+"""Checkpoints on disk: safetensors and JSON only, never pickle.
 
-    <run>/checkpoints/policy/latest/       model (save_pretrained) + optimizer.safetensors + optimizer.json
-    <run>/checkpoints/policy/iteration=k/  the policy at the end of iteration k
-    <run>/state.json                       the last completed (iteration, step) and what it left behind
-    <run>/step_metrics.jsonl               every step's metrics, the source MLflow is re-filled from
-
-Every directory is written beside its final name and renamed into place, so a crash leaves the
-previous checkpoint intact rather than a half-written one.
+A checkpoint is a folder: the model and tokenizer (`save_pretrained`), plus the AdamW state
+(`optimizer.safetensors` tensors, `optimizer.json` the rest) when it is one to resume training from.
+Where each lives is `stages.run_layout.RunLayout`'s business. Every folder is written beside its
+final name (`.<name>.tmp-<id>`) and renamed into place, so a crash leaves the previous checkpoint
+intact rather than a half-written one; `RunLayout.remove_partial_writes` clears the temporaries.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from stages.faults import crash_point
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -59,46 +58,17 @@ def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Op
     tokenizer.save_pretrained(tmp)
     if optimizer is not None:
         save_optimizer(optimizer, tmp)
+    crash_point("checkpoint_write")
     _swap_into_place(tmp, out)
     return out
 
 
-def copy_checkpoint(src: str | Path, out: str | Path) -> Path:
+def copy_checkpoint(src: str | Path, out: str | Path, *, with_optimizer: bool = True) -> Path:
+    """A copy of checkpoint `src` at `out` (without the optimizer state unless `with_optimizer`)."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
+    skip = () if with_optimizer else ("optimizer.safetensors", "optimizer.json")
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
     _swap_into_place(tmp, out)
     return out
-
-
-def append_step_metrics(run_dir: str | Path, step: int, metrics: dict[str, float]) -> None:
-    """The run's own record of each step's metrics (JSON lines), written before the step counts as done."""
-    with open(Path(run_dir) / "step_metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-
-
-def read_step_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
-    """{step: metrics}, steps in order; a step redone after a crash keeps its last record, and a line
-    cut short by a crash is skipped."""
-    path = Path(run_dir) / "step_metrics.jsonl"
-    out = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[rec["step"]] = rec["metrics"]
-    return dict(sorted(out.items()))
-
-
-def read_state(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "state.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_state(run_dir: str | Path, state: dict) -> None:
-    path = Path(run_dir) / "state.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".state.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)

@@ -1,11 +1,8 @@
 """Reward-model data, replay buffer, (re)training and evaluation: paths in, paths + metrics out.
 
-On disk, under a run's folder `run_root = <artifacts>/runs/<run_id>`:
-
-    rm_data/iteration=<k>/part.parquet     training rows built from iteration k's samples (the replay source)
-    rm_eval/iteration=<k>/part.parquet     held-out rows of iteration k (questions never trained on)
-    checkpoints/{outcome_rm,process_rm}/iteration=<k>/   backbone (safetensors) + value_head.safetensors
-                                                         + reward_model.json
+On disk, under a run's folder `run_root` (`stages.run_layout.RunLayout`: rm_data, rm_eval, reward_model):
+training rows of data iteration k (the replay source), their held-out rows (questions never trained
+on), and the reward-model checkpoints (backbone safetensors + value_head.safetensors + reward_model.json).
 
 Iteration 0 holds the SFT policy's samples (initial training before RL); iteration k >= 1 the
 samples of RL iteration k. One row serves both reward models: it carries the outcome label (final
@@ -27,13 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.advantages import step_ends_from_tokens
+from models.advantages import delimiter_token_ids, step_ends_from_tokens
 from models.reward_model import (META_FILE, Example, ValueHeadRewardModel, evaluate_value_model,
                                  train_value_model)
 from models.rewards import math_shepherd_labels
 from problems.verify import is_correct
-from stages.rewards import as_tokenizer, step_delimiters, verifier_step_labels
-from stages.rollout_store import read_rollouts, write_atomic
+from stages.rewards import verifier_step_labels
+from stages.rollout_store import write_atomic
+from stages.run_layout import RunLayout
 
 RM_DATA_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -44,23 +42,9 @@ RM_DATA_SCHEMA = pa.schema([
     ("step_ends", pa.list_(pa.int32())),        # completion-token index of each step end
     ("step_labels", pa.list_(pa.float32())),    # one per step end, in [0, 1]
     ("step_label_method", pa.string()),         # "rule" | "math_shepherd_hard" | "math_shepherd_soft"
-    ("source", pa.string()),                    # the rollout file the row came from
-    ("policy_checkpoint", pa.string()),
+    ("source", pa.string()),                    # where the row was sampled: "step=<s>" or "rm_bootstrap"
+    ("policy_version", pa.int32()),             # GRPO steps the sampling policy had taken
 ])
-KIND_DIRS = {"outcome": "outcome_rm", "process": "process_rm"}
-
-
-# ---- layout ------------------------------------------------------------------------------------
-def rm_data_path(run_root: str | Path, iteration: int) -> Path:
-    return Path(run_root) / "rm_data" / f"iteration={iteration}" / "part.parquet"
-
-
-def rm_eval_path(run_root: str | Path, iteration: int) -> Path:
-    return Path(run_root) / "rm_eval" / f"iteration={iteration}" / "part.parquet"
-
-
-def checkpoint_dir(run_root: str | Path, kind: str, iteration: int) -> Path:
-    return Path(run_root) / "checkpoints" / KIND_DIRS[kind] / f"iteration={iteration}"
 
 
 def _iterations(root: Path) -> list[int]:
@@ -122,35 +106,35 @@ def math_shepherd_step_labels(policy, tokenizer, items: Sequence[dict], *, k: in
     return [math_shepherd_labels(r, mode) for r in results]
 
 
-def build_rm_rows(rollout_paths: Sequence[str | Path] | str | Path, tokenizer, *, step_labels: str = "rule",
-                  policy=None, k: int = 4, ms_mode: str = "hard", max_new_tokens: int = 64,
-                  seed: int = 0) -> pa.Table:
-    """Reward-model training rows (RM_DATA_SCHEMA) from rollout files, labelled by ground truth.
+def build_rm_rows(rollouts: pa.Table, tokenizer, *, step_labels: str = "rule", policy=None, k: int = 4,
+                  ms_mode: str = "hard", max_new_tokens: int = 64, seed: int = 0) -> pa.Table:
+    """Reward-model training rows (RM_DATA_SCHEMA) from rollouts, labelled by ground truth.
 
-    outcome_label: the final answer is right. step_labels: "rule" = the task's step checks
-    (`problems.verify.step_correctness`), "math_shepherd" = estimated by completing from each step
-    prefix with `policy` (k continuations, `ms_mode` hard|soft).
+    outcome_label: the rollout's `correct`. step_labels: "rule" = the task's step checks, taken from
+    the scored rollouts' `step_ends` / `step_labels` (computed here for unscored samples), or
+    "math_shepherd" = estimated by completing from each step prefix with `policy` (k continuations,
+    `ms_mode` hard|soft).
     """
-    if isinstance(rollout_paths, (str, Path)):
-        rollout_paths = [rollout_paths]
-    tokenizer = as_tokenizer(tokenizer)
-    delims = step_delimiters(tokenizer)
+    scored = "step_labels" in rollouts.column_names
+    steps = rollouts.column("step").to_pylist() if "step" in rollouts.column_names else [None] * rollouts.num_rows
     out = []
-    for path in rollout_paths:
-        for r in read_rollouts(path).to_pylist():
-            comp = r["completion_ids"]
-            text = tokenizer.decode(comp, skip_special_tokens=True)
-            ends = step_ends_from_tokens(comp, delims)
-            out.append({
-                "question_id": r["question_id"], "sample_index": r["sample_index"],
-                "prompt_ids": r["prompt_ids"], "completion_ids": comp,
-                "outcome_label": float(is_correct(text, r["answer"])), "step_ends": ends,
-                "step_labels": [float(x) for x in verifier_step_labels(tokenizer, comp, ends, r.get("solution") or "",
-                                                                        r["answer"])],
-                "step_label_method": "rule", "source": str(path),
-                "policy_checkpoint": r.get("policy_checkpoint"), "_answer": r["answer"],
-                "_finished": (r.get("finish_reason") == "eos") if r.get("finish_reason") else None,
-            })
+    wanted = ["question_id", "sample_index", "prompt_ids", "completion_ids", "correct", "policy_version", "answer",
+              "solution", "finish_reason"] + (["step_ends", "step_labels"] if scored else [])
+    for r, step in zip(rollouts.select(wanted).to_pylist(), steps):
+        comp = r["completion_ids"]
+        if scored:
+            ends, labels = r["step_ends"], r["step_labels"]
+        else:
+            ends = step_ends_from_tokens(comp, delimiter_token_ids(tokenizer))
+            labels = verifier_step_labels(tokenizer, comp, ends, r.get("solution") or "", r["answer"])
+        out.append({
+            "question_id": r["question_id"], "sample_index": r["sample_index"],
+            "prompt_ids": r["prompt_ids"], "completion_ids": comp,
+            "outcome_label": float(r["correct"]), "step_ends": ends, "step_labels": [float(x) for x in labels],
+            "step_label_method": "rule", "source": "rm_bootstrap" if step is None else f"step={step}",
+            "policy_version": r["policy_version"], "_answer": r["answer"],
+            "_finished": (r.get("finish_reason") == "eos") if r.get("finish_reason") else None,
+        })
     if step_labels == "math_shepherd":
         if policy is None:
             raise ValueError("Math-Shepherd step labels need the policy to sample continuations")
@@ -178,14 +162,15 @@ def split_eval(table: pa.Table, fraction: float, seed: int = 0) -> tuple[pa.Tabl
     return table.filter(pc.invert(mask)), table.filter(mask)
 
 
-def prepare_rm_data(rollout_paths, run_root: str | Path, iteration: int, *, tokenizer, eval_fraction: float = 0.2,
+def prepare_rm_data(rollouts: pa.Table, run_root: str | Path, iteration: int, *, tokenizer, eval_fraction: float = 0.2,
                     seed: int = 0, **label_kwargs) -> tuple[Path, Path | None]:
     """Build rows from an iteration's rollouts, hold out `eval_fraction` of its questions, and write
     rm_data/iteration=k (the replay source) and rm_eval/iteration=k. Returns (train path, eval path)."""
-    table = build_rm_rows(rollout_paths, tokenizer, seed=seed, **label_kwargs)
+    layout = RunLayout(Path(run_root))
+    table = build_rm_rows(rollouts, tokenizer, seed=seed, **label_kwargs)
     train, held = split_eval(table, eval_fraction, seed) if eval_fraction > 0 else (table, None)
-    train_path = write_atomic(train, rm_data_path(run_root, iteration))
-    eval_path = write_atomic(held, rm_eval_path(run_root, iteration)) if held is not None else None
+    train_path = write_atomic(train, layout.rm_data(iteration))
+    eval_path = write_atomic(held, layout.rm_eval(iteration)) if held is not None else None
     return train_path, eval_path
 
 
@@ -230,7 +215,7 @@ def replay_sample(run_root: str | Path, iteration: int, n_new: int, ratio: float
     want = replay_count(n_new, ratio)
     if want == 0 or not earlier:
         return RM_DATA_SCHEMA.append(pa.field("replay_iteration", pa.int32())).empty_table()
-    tables = [pq.read_table(rm_data_path(run_root, j)).cast(RM_DATA_SCHEMA) for j in earlier]
+    tables = [pq.read_table(RunLayout(Path(run_root)).rm_data(j)).cast(RM_DATA_SCHEMA) for j in earlier]
     origin = [j for j, t in zip(earlier, tables) for _ in range(t.num_rows)]
     pool = pa.concat_tables(tables)
     rng = random.Random(seed * 1_000_003 + iteration)
@@ -254,7 +239,7 @@ def evaluate_reward_model(rm, eval_rows, *, device: str = "cpu", batch_size: int
 def _eval_splits(rm, run_root, eval_paths, iteration, device) -> dict[str, float]:
     """Metrics on each eval split; unprefixed `eval_*` keys are the fixed (earliest) split's."""
     if eval_paths is None:
-        eval_paths = {j: rm_eval_path(run_root, j) for j in _iterations(Path(run_root) / "rm_eval") if j <= iteration}
+        eval_paths = {j: RunLayout(Path(run_root)).rm_eval(j) for j in _iterations(Path(run_root) / "rm_eval") if j <= iteration}
     elif not isinstance(eval_paths, dict):
         eval_paths = {"fixed": eval_paths}
     metrics: dict[str, float] = {}
@@ -300,7 +285,8 @@ def train_initial_reward_model(policy, kind: str, run_root: str | Path, rm_cfg, 
                                tokenizer=None, eval_paths=None) -> tuple[Path, dict[str, float]]:
     """Before RL: a new head on the (SFT) policy's backbone, trained on rm_data/iteration=0;
     saved to checkpoints/<kind>_rm/iteration=0. Evaluated on rm_eval/iteration=0 by default."""
-    out, metrics = train_reward_model(policy, kind, rm_data_path(run_root, 0), checkpoint_dir(run_root, kind, 0),
+    layout = RunLayout(Path(run_root))
+    out, metrics = train_reward_model(policy, kind, layout.rm_data(0), layout.reward_model(kind, 0),
                                       rm_cfg, seed, score_mode=score_mode, pad_id=pad_id, device=device,
                                       tokenizer=tokenizer)
     metrics.update(_eval_splits(out, run_root, eval_paths, 0, device))
@@ -323,7 +309,7 @@ def retrain_reward_model(current_rm_path, new_rows_paths, run_root: str | Path, 
     ratio = rm_cfg.replay_ratio if replay_ratio is None else replay_ratio
     replay = replay_sample(run_root, iteration, new.num_rows, ratio, seed)
     mix = pa.concat_tables([new, replay.drop(["replay_iteration"])])
-    out, metrics = train_reward_model(rm, rm.kind, mix, checkpoint_dir(run_root, rm.kind, iteration), rm_cfg,
+    out, metrics = train_reward_model(rm, rm.kind, mix, RunLayout(Path(run_root)).reward_model(rm.kind, iteration), rm_cfg,
                                       seed, device=device, tokenizer=tokenizer)
     metrics.update({"n_new": float(new.num_rows), "n_replay": float(replay.num_rows),
                     "replay_fraction": replay.num_rows / max(1, mix.num_rows)})

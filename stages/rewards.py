@@ -1,6 +1,6 @@
-"""Scoring a step's rollouts: reward columns added to its Parquet file, atomically.
+"""Scoring a step's rollouts: reward columns added to its table, in memory.
 
-`score_rollouts(path, reward_cfg, tokenizer=..., ...)` adds `SCORE_FIELDS`:
+`score_rollouts(table, reward_cfg, tokenizer=..., reward_models=...)` adds `SCORE_FIELDS`:
 - `step_ends`: completion-token indices where each step ends (newline tokens; the last token),
 - `step_labels`: the verifier's per-step correctness, one per step end,
 - `reward`: the weighted sum of the sources' outcome views (see `models.rewards`),
@@ -14,7 +14,6 @@ row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -23,32 +22,13 @@ from models.reward_model import ValueHeadRewardModel
 from models.rewards import (combine_outcome, combine_process, is_bad, outcome_from_steps, source_weights,
                             steps_from_outcome)
 from problems.verify import is_correct, split_steps, step_correctness
-from stages.rollout_store import add_columns, read_rollouts
+from stages.rollout_store import with_columns
 
 RM_SOURCES = {"outcome_rm": "outcome", "process_rm": "process"}
 
 
 class RewardError(RuntimeError):
     """A reward source failed on a row (the message names the row and the source)."""
-
-
-_DELIMITERS: dict[tuple, frozenset[int]] = {}
-
-
-def step_delimiters(tokenizer) -> frozenset[int]:
-    """`delimiter_token_ids(tokenizer)` (newline tokens), computed once per vocabulary."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
-    if key not in _DELIMITERS:
-        _DELIMITERS[key] = delimiter_token_ids(tokenizer)
-    return _DELIMITERS[key]
-
-
-def as_tokenizer(tokenizer):
-    if isinstance(tokenizer, (str, Path)):
-        from models.loading import load_tokenizer
-
-        return load_tokenizer(str(tokenizer))
-    return tokenizer
 
 
 def step_texts(tokenizer, completion_ids: Sequence[int], step_ends: Sequence[int]) -> list[str]:
@@ -122,22 +102,17 @@ def _rm_scores(rm: ValueHeadRewardModel, prompts, completions, positions, batch_
     return scores, errors
 
 
-def score_rollouts(rollout_path: str | Path, reward_cfg, *, tokenizer, rm_paths: Mapping[str, str | Path] | None = None,
-                   reward_models: Mapping[str, ValueHeadRewardModel] | None = None, device: str = "cpu",
-                   batch_size: int = 64) -> Path:
-    """Add the reward columns to a rollout file (in place, atomically); returns its path.
+def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
+                   reward_models: Mapping[str, ValueHeadRewardModel] | None = None, batch_size: int = 64) -> pa.Table:
+    """`table` (a step's sampled rows) with the reward columns added.
 
-    reward_cfg: a `RewardConfig` (sources, on_error, rm_score). tokenizer: the policy's tokenizer
-    (object or path). Reward models come from `reward_models` (already loaded, keyed by source
-    name) or are loaded from `rm_paths`; the score mode is `reward_cfg.rm_score`.
+    reward_cfg: a `RewardConfig` (sources, on_error, rm_score). tokenizer: the policy's tokenizer.
+    reward_models: the loaded learned reward models, keyed by source name.
     """
-    path = Path(rollout_path)
-    tokenizer = as_tokenizer(tokenizer)
-    table = read_rollouts(path)
     rows = table.select([c for c in ("question_id", "sample_index", "prompt_ids", "completion_ids", "completion",
                                      "answer", "solution") if c in table.column_names]).to_pylist()
     weights = source_weights(reward_cfg.sources)
-    delims = step_delimiters(tokenizer)
+    delims = delimiter_token_ids(tokenizer)
     prompts = [r["prompt_ids"] for r in rows]
     completions = [r["completion_ids"] for r in rows]
     step_ends = [step_ends_from_tokens(c, delims) for c in completions]
@@ -165,9 +140,7 @@ def score_rollouts(rollout_path: str | Path, reward_cfg, *, tokenizer, rm_paths:
             kind = RM_SOURCES[name]
             rm = (reward_models or {}).get(name)
             if rm is None:
-                if not rm_paths or name not in rm_paths:
-                    raise RewardError(f"reward source {name!r} is configured but no {name} model or path was given")
-                rm = ValueHeadRewardModel.from_pretrained(rm_paths[name], device=device)
+                raise RewardError(f"reward source {name!r} is configured but no {name} model was given")
             if rm.kind != kind:
                 raise RewardError(f"reward source {name!r} needs a {kind} reward model, got a {rm.kind} one")
             positions = ([[len(c) - 1] for c in completions] if kind == "outcome" else step_ends)
@@ -186,7 +159,7 @@ def score_rollouts(rollout_path: str | Path, reward_cfg, *, tokenizer, rm_paths:
         if errors:
             if reward_cfg.on_error == "fail":
                 i = min(errors)
-                raise RewardError(f"reward source {name!r} failed on {_item(rows, i)} of {path}: {errors[i]}"
+                raise RewardError(f"reward source {name!r} failed on {_item(rows, i)}: {errors[i]}"
                                   + (f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""))
             for i in errors:  # on_error == "zero": scored 0, recorded in reward_errors
                 out_v[i] = 0.0
@@ -203,13 +176,5 @@ def score_rollouts(rollout_path: str | Path, reward_cfg, *, tokenizer, rm_paths:
     for name in weights:
         columns[f"reward_{name}"] = pa.array(outcome[name], pa.float32())
     columns["reward_errors"] = pa.array(failed, pa.list_(pa.string()))
-    return add_columns(path, columns)
+    return with_columns(table, columns)
 
-
-def count_reward_errors(rollout_path: str | Path) -> dict[str, int]:
-    """{source: rows scored 0 after an error} of a scored file: the metric `on_error: zero` promises."""
-    counts: dict[str, int] = {}
-    for errs in read_rollouts(rollout_path).column("reward_errors").to_pylist():
-        for name in errs or []:
-            counts[name] = counts.get(name, 0) + 1
-    return counts

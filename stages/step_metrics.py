@@ -1,16 +1,12 @@
-"""Per-step metrics read off a step's rollout file (rewards, accuracy, lengths, advantages)."""
+"""Per-step metrics of a step's rollouts (rewards, accuracy, lengths, advantages)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import pyarrow as pa
 
-from stages.rollout_store import read_rollouts
 
-
-def rollout_metrics(rollout_path: str | Path, group_size: int) -> dict[str, float]:
+def rollout_metrics(t: pa.Table, group_size: int) -> dict[str, float]:
     # numpy over Arrow buffers rather than Python lists: this runs in the flow on every step.
-    t = read_rollouts(rollout_path, ["reward", "completion_length", "advantages", "correct", "truncated"])
     reward = t.column("reward").to_numpy().astype(np.float64)
     groups = reward.reshape(-1, group_size)
     lengths = t.column("completion_length").to_numpy().astype(np.float64)

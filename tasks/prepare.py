@@ -9,11 +9,12 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig
 from problems.datasets import read_problems
 from stages import evaluation, prepare
-from tasks.keys import PERSISTED, stage_key
+from stages.evaluation import Evaluation
+from tasks.retries import RETRY
 from tasks.workspace import WORKSPACE
 
 
-@task(cache_policy=NO_CACHE, retries=1)
+@task(cache_policy=NO_CACHE, **RETRY)
 def prepare_data(cfg: PipelineConfig) -> tuple[str, str]:
     train, test = prepare.prepare_data(cfg)
     return str(train), str(test)
@@ -34,7 +35,7 @@ def build_initial_policy(cfg: PipelineConfig) -> str:
 
 @task(cache_policy=NO_CACHE)
 def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str, k: int | None = None,
-                    sample_questions: int | None = None, temperature: float | None = None) -> dict:
+                    sample_questions: int | None = None, temperature: float | None = None) -> Evaluation:
     """Greedy accuracy of the policy at `policy_ckpt` on the held-out split; Pass@K and Maj@K on its
     first `sample_questions` (defaults: `loop.eval_samples`, `loop.eval_sample_questions`,
     `sampling.temperature`)."""
@@ -47,8 +48,7 @@ def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str, k: in
         temperature=cfg.sampling.temperature if temperature is None else temperature, seed=cfg.model.seed)
 
 
-@task(cache_key_fn=stage_key("sft-control"), **PERSISTED)
-def sft_control(cfg: PipelineConfig, run_id: str, initial_policy: str, seconds: float) -> str:
-    """Continue SFT from the RL run's starting point for RL's wall time (the control)."""
-    out = cfg.artifacts() / "runs" / run_id / "checkpoints" / "control_sft"
-    return str(prepare.continue_sft(cfg, initial_policy, seconds, out))
+@task(cache_policy=NO_CACHE)
+def sft_control(cfg: PipelineConfig, initial_policy: str, seconds: float, out: str) -> str:
+    """Continue SFT from the RL run's starting point for RL's CPU time (the control), saved at `out`."""
+    return str(prepare.continue_sft(cfg, initial_policy, seconds, Path(out)))

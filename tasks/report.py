@@ -11,10 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig
-import pyarrow.dataset as ds
-
-from stages.evaluation import sampled_scores
-from stages.rollout_store import open_run
+from stages.evaluation import Evaluation
+from stages.rollout_store import open_rollouts
+from stages.run_layout import RunLayout
 from tasks import tracking
 
 SAMPLE_COLUMNS = ["iteration", "step", "question_id", "sample_index", "completion", "answer", "correct", "reward"]
@@ -45,31 +44,37 @@ def _curve_png(cfg: PipelineConfig, mlflow_run_id: str, out: Path) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def iteration_report(cfg: PipelineConfig, run_id: str, iteration: int, mlflow_run_id: str, evaluation: dict) -> None:
-    """Curve PNG, sample table and rollout lineage to MLflow; summary and samples to Prefect."""
-    df = open_run(cfg.artifacts(), run_id).to_table(filter=ds.field("iteration") == iteration).to_pandas()
+def iteration_report(cfg: PipelineConfig, run_dir: str, iteration: int, mlflow_run_id: str,
+                     evaluation: Evaluation) -> None:
+    """Curve PNG, sample table and rollout lineage to MLflow; summary and samples to Prefect. Safe to
+    repeat (a resumed run redoes a report a killed process had not finished)."""
+    layout = RunLayout(Path(run_dir))
+    df = open_rollouts(layout.iteration_rollouts(iteration)).to_table().to_pandas()
+    df["iteration"] = iteration
     samples = df.sort_values(["step", "group_index", "sample_index"]).groupby("step").head(2)[SAMPLE_COLUMNS]
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_artifact(cfg, mlflow_run_id, _curve_png(cfg, mlflow_run_id, Path(tmp) / f"curve-iteration-{iteration}.png"),
                               "curves")
     client = tracking.client_for(cfg)
-    client.log_table(mlflow_run_id, data=samples.astype({"correct": bool}), artifact_file=f"samples/iteration-{iteration}.json")
+    table_file = f"samples/iteration-{iteration}.json"
+    if table_file not in {a.path for a in client.list_artifacts(mlflow_run_id, "samples")}:  # log_table appends
+        client.log_table(mlflow_run_id, data=samples.astype({"correct": bool}), artifact_file=table_file)
     # Lineage: the iteration's rollout folder as an MLflow dataset input of the run.
-    source = str(cfg.artifacts() / "runs" / run_id / "rollouts" / f"iteration={iteration}")
+    source = str(layout.iteration_rollouts(iteration))
     flat = df[[c for c in df.columns if df[c].dtype != object or isinstance(df[c].iloc[0], str)]]
     dataset = mlflow.data.from_pandas(flat, source=source, name=f"rollouts-iteration-{iteration}")
     client.log_inputs(mlflow_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                             tags=[InputTag("mlflow.data.context", "training")])])
-    scores = sampled_scores(evaluation)
-    sampled = (f"| held-out Maj@{scores[0]} / Pass@{scores[0]} (first {int(evaluation['sample_questions'])}) | "
-               f"{scores[1]:.3f} / {scores[2]:.3f} |\n") if scores else ""
+    ev = evaluation
+    sampled = (f"| held-out Maj@{ev.k} / Pass@{ev.k} (first {ev.sample_questions}) | "
+               f"{ev.maj_at_k:.3f} / {ev.pass_at_k:.3f} |\n") if ev.k else ""
     create_markdown_artifact(
         f"## Iteration {iteration}\n\n"
         f"| metric | value |\n|---|---|\n"
-        f"| held-out greedy accuracy | {evaluation['accuracy']:.3f} |\n{sampled}"
+        f"| held-out greedy accuracy | {ev.accuracy:.3f} |\n{sampled}"
         f"| train accuracy (sampled) | {df['correct'].mean():.3f} |\n"
         f"| mean reward | {df['reward'].mean():.3f} |\n"
         f"| rollouts | {len(df)} rows, {df['step'].nunique()} steps |\n",
-        key=f"iteration-{iteration}", description=f"{run_id}: iteration {iteration}")
+        key=f"iteration-{iteration}", description=f"{layout.run_id}: iteration {iteration}")
     create_table_artifact(samples.head(8).astype(str).to_dict("records"), key=f"samples-iteration-{iteration}",
                           description="A few sampled completions with their rewards")

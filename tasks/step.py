@@ -1,14 +1,16 @@
-"""Prefect tasks of one GRPO step: sample -> score -> advantages -> update.
+"""Prefect tasks of one GRPO step: sample -> score -> advantages -> (write once) -> update.
 
-Each takes and returns references (paths). Sampling, scoring and advantages are cached by
-(run, iteration, step, stage) with their results (paths) persisted, so a resumed run skips them;
-the update is not idempotent, so it is never cached or retried: resume restarts it from the last
-checkpoint instead (the flow reads state.json).
+Each takes what it needs explicitly (the config, a checkpoint or tokenizer reference, the step's
+table) and loads what is not in memory (tasks/workspace.py). Nothing is cached by Prefect: the run
+folder is the truth (stages/run_layout.py), so a resumed run reads a finished step's Parquet file
+instead of asking a cache what an earlier process did. Sampling and scoring retry a passing fault;
+the update is not idempotent and never retries: a failed step is redone from the last checkpoint.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,51 +18,72 @@ from configs import PipelineConfig
 from models.trainer import grpo_update as run_grpo_update
 from stages import advantages, rewards, sampling
 from stages.checkpoints import save_checkpoint
-from tasks.keys import PERSISTED, stage_key
+from stages.faults import crash_point
+from stages.rollout_store import read_rollouts, write_atomic
+from tasks.retries import RETRY
 from tasks.workspace import WORKSPACE
 
 
-
-@task(cache_key_fn=stage_key("sample"), retries=2, retry_delay_seconds=2, **PERSISTED)
-def sample_groups(cfg: PipelineConfig, run_id: str, iteration: int, step: int, policy_ckpt: str,
-                  questions: list[dict], out_path: str) -> str:
-    model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
+@task(cache_policy=NO_CACHE, **RETRY)
+def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int) -> pa.Table:
+    """G outputs per question from the policy at `policy`, seeded by the step."""
+    model, tokenizer, _ = WORKSPACE.policy_at(policy, cfg)
     sampler = WORKSPACE.sampler_for(cfg, model, tokenizer)
     with cfg.model.compute():
-        return str(sampling.sample_groups(policy_ckpt, questions, cfg.sampling, cfg.model.seed * 100_003 + step,
-                                          out_path=Path(out_path), run_id=run_id, policy_checkpoint=policy_ckpt,
-                                          sampler=sampler))
+        table = sampling.sample_groups(sampler, questions, group_size=cfg.sampling.group_size,
+                                       seed=cfg.model.seed * 100_003 + step, run_id=cfg.run_id, policy_version=step)
+    crash_point("sampling")
+    return table
 
 
-@task(cache_key_fn=stage_key("score"), retries=2, retry_delay_seconds=2, **PERSISTED)
-def score_rollouts(cfg: PipelineConfig, run_id: str, iteration: int, step: int, rollout_path: str,
-                   reward_models: dict[str, str]) -> str:
+@task(cache_policy=NO_CACHE, **RETRY)
+def score_rollouts(cfg: PipelineConfig, rollouts: pa.Table, tokenizer: str, reward_models: dict[str, str]) -> pa.Table:
+    """Reward columns from the configured sources; `tokenizer`: a checkpoint whose tokenizer to use;
+    `reward_models`: learned source -> checkpoint."""
     models = {name: WORKSPACE.reward_model_at(name, path, cfg) for name, path in reward_models.items()}
-    return str(rewards.score_rollouts(Path(rollout_path), cfg.reward, reward_models=models,
-                                      tokenizer=WORKSPACE.tokenizer, device=cfg.model.device))
-
-
-@task(cache_key_fn=stage_key("advantages"), **PERSISTED)
-def compute_advantages(cfg: PipelineConfig, run_id: str, iteration: int, step: int, rollout_path: str) -> str:
-    return str(advantages.compute_advantages(
-        Path(rollout_path), supervision=cfg.reward.supervision, group_size=cfg.sampling.group_size,
-        eps=cfg.grpo.adv_eps, scale=cfg.grpo.adv_scale))
+    table = rewards.score_rollouts(rollouts, cfg.reward, tokenizer=WORKSPACE.tokenizer_at(tokenizer, cfg),
+                                   reward_models=models)
+    crash_point("scoring")
+    return table
 
 
 @task(cache_policy=NO_CACHE)
-def grpo_update(cfg: PipelineConfig, policy_ckpt: str, reference_ckpt: str, rollout_path: str,
-                out_ckpt: str, save: bool = True) -> tuple[str, dict]:
+def compute_advantages(cfg: PipelineConfig, rollouts: pa.Table) -> pa.Table:
+    table = advantages.compute_advantages(rollouts, supervision=cfg.reward.supervision,
+                                          group_size=cfg.sampling.group_size, eps=cfg.grpo.adv_eps,
+                                          scale=cfg.grpo.adv_scale)
+    crash_point("advantages")
+    return table
+
+
+def stored_rollouts(path: Path) -> pa.Table | None:
+    """A finished step's rollouts (files are written once, complete), or None."""
+    return read_rollouts(path) if path.exists() else None
+
+
+def save_rollouts(path: Path, rollouts: pa.Table) -> None:
+    write_atomic(rollouts, path)
+
+
+@task(cache_policy=NO_CACHE)
+def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.Table,
+                out_ckpt: str, save: bool) -> tuple[str, dict]:
     """mu GRPO updates on the step's batch. The updated policy answers for `out_ckpt` from now on,
     and is saved there (+ optimizer state) when `save`; unsaved steps are redone after a crash."""
-    model, tokenizer, optimizer = WORKSPACE.policy_at(policy_ckpt, cfg)
-    ref = WORKSPACE.reference_at(reference_ckpt, cfg) if cfg.grpo.beta > 0 else None
+    model, tokenizer, optimizer = WORKSPACE.policy_at(policy, cfg)
+    ref = WORKSPACE.reference_at(reference, cfg) if cfg.grpo.beta > 0 else None
     g = cfg.grpo
-    with cfg.model.compute():
-        metrics = run_grpo_update(model, optimizer, advantages.read_update_batch(Path(rollout_path)),
-                                  pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
-                                  eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
-                                  grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
+    try:
+        with cfg.model.compute():
+            metrics = run_grpo_update(model, optimizer, advantages.update_batch(rollouts),
+                                      pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
+                                      eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
+                                      grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
+    except BaseException:
+        WORKSPACE.forget_policy()  # the live weights may be part-updated: nothing may take them for `policy`
+        raise
+    WORKSPACE.policy_moved_to(out_ckpt)
+    crash_point("update")
     if save:
         save_checkpoint(model, tokenizer, out_ckpt, optimizer)
-    WORKSPACE.policy_moved_to(out_ckpt)
     return out_ckpt, metrics

@@ -1,8 +1,15 @@
-"""MLflow tracking: one MLflow run per pipeline run, found again by its run_id on resume."""
+"""MLflow tracking: one MLflow run per pipeline run, found again by its run_id on resume.
+
+Metrics reach MLflow from the run's committed records (stages/run_state.py): sent once after each
+commit (`log_records`), and on resume whatever a killed process committed but had not yet sent
+(`send_missing`). So every metric is in MLflow once per step, whatever was killed when.
+"""
 from __future__ import annotations
 
+import fcntl
 import math
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,10 +17,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from configs import PipelineConfig, dump_config
-from stages.checkpoints import read_step_metrics
+from stages.run_state import MetricRecord
 
 RUN_TAG = "pipeline_run_id"
-STEP_KEY = "step_seconds"  # logged at every GRPO step: the highest step it has is the last one logged
 
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
@@ -25,12 +31,31 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+@contextmanager
+def store_creation_lock(cfg: PipelineConfig):
+    """Held while the embedded SQLite store may be created or migrated: two runs starting together
+    would otherwise race in MLflow's schema migration (one dies). A no-op for other stores."""
+    uri = cfg.mlflow_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = (cfg.artifacts() / "mlartifacts").as_uri()
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    with store_creation_lock(cfg):  # the first look-up creates the store
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = (cfg.artifacts() / "mlartifacts").as_uri()
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
 def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -> str:
@@ -43,8 +68,8 @@ def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -
         mlflow_run_id = found[0].info.run_id
         client.update_run(mlflow_run_id, status="RUNNING")
     else:
-        run = client.create_run(exp_id, run_name=run_id, tags={RUN_TAG: run_id})
-        mlflow_run_id = run.info.run_id
+        mlflow_run_id = client.create_run(exp_id, run_name=run_id, tags={RUN_TAG: run_id}).info.run_id
+    if not found or not found[0].data.params:  # a process killed right after creating the run logged none
         params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
         for i in range(0, len(params), 100):
             client.log_batch(mlflow_run_id, params=params[i:i + 100])
@@ -80,21 +105,35 @@ def wait_for_logging() -> None:
         _PENDING.pop(0).wait()
 
 
-def last_logged_step(cfg: PipelineConfig, mlflow_run_id: str, key: str) -> int:
-    """The highest step at which `key` was logged (-1 if never): where a resumed run picks up logging."""
+def log_records(cfg: PipelineConfig, mlflow_run_id: str, records: list[MetricRecord], synchronous: bool = False) -> None:
+    """Committed metric records to MLflow, one batch each (asynchronous by default: the run's ledger
+    holds them, and `send_missing` re-sends what a killed process lost)."""
+    for r in records:
+        log_metrics(cfg, mlflow_run_id, r.metrics, r.step, prefix=r.prefix, synchronous=synchronous)
+
+
+def _marker(r: MetricRecord) -> str | None:
+    """The MLflow key that tells whether record `r` arrived: its first finite metric (a batch is
+    stored in one transaction, so one key stands for the record)."""
+    return next((r.prefix + k for k, v in r.metrics.items() if math.isfinite(v)), None)
+
+
+def send_missing(cfg: PipelineConfig, mlflow_run_id: str, records: list[MetricRecord]) -> int:
+    """Send the committed records MLflow does not have (a killed process's unsent queue); returns how many."""
     wait_for_logging()
-    return max((m.step for m in client_for(cfg).get_metric_history(mlflow_run_id, key)), default=-1)
-
-
-def resume_logging(cfg: PipelineConfig, mlflow_run_id: str, run_dir: str | Path, done_step: int) -> int:
-    """Re-send the step metrics a killed process had recorded (steps <= `done_step`, the last completed
-    one) but not yet sent to MLflow; returns the last step MLflow now has."""
-    logged = last_logged_step(cfg, mlflow_run_id, STEP_KEY)
-    for step, metrics in read_step_metrics(run_dir).items():
-        if logged < step <= done_step:
-            log_metrics(cfg, mlflow_run_id, metrics, step)
-            logged = step
-    return logged
+    client = client_for(cfg)
+    logged: dict[str, set[int]] = {}
+    missing = []
+    for r in records:
+        key = _marker(r)
+        if key is None:
+            continue
+        if key not in logged:
+            logged[key] = {m.step for m in client.get_metric_history(mlflow_run_id, key)}
+        if r.step not in logged[key]:
+            missing.append(r)
+    log_records(cfg, mlflow_run_id, missing, synchronous=True)
+    return len(missing)
 
 
 def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -1,9 +1,9 @@
 """The heavy objects of a run, kept in the flow's process and keyed by checkpoint path.
 
 Tasks pass checkpoint paths, never models: a task asks the workspace for "the policy at
-checkpoint X" and gets the live model if that is what is in memory (the common case, step after
-step), or a fresh load from disk (a resumed run, or a new process). Nothing here goes through
-Prefect results.
+checkpoint X" (or "the tokenizer of X", "the reward model at Y") and gets the live object if that is
+what is in memory (the common case, step after step), or a fresh load from disk (a resumed run, or a
+new process). No task relies on what another task's body happened to load.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from configs import PipelineConfig
-from models.loading import load_policy
+from models.loading import load_policy, load_tokenizer
 from models.reward_model import ValueHeadRewardModel
 from models.samplers import make_sampler
 from stages.checkpoints import load_optimizer
@@ -29,6 +29,7 @@ class Workspace:
         self.sampler_backend: str | None = None
         self.sampler_ckpt: str | None = None
         self.reward_models: dict[str, tuple[str, object]] = {}
+        self.tokenizers: dict[str, object] = {}
 
     def _load(self, ckpt: str, cfg: PipelineConfig):
         return load_policy(str(ckpt), **cfg.model.load_kwargs())
@@ -47,6 +48,19 @@ class Workspace:
             if self.sampler is not None and self.sampler_backend == "hf":
                 self.sampler = None  # it wraps the old model object
         return self.policy, self.tokenizer, self.optimizer
+
+    def tokenizer_at(self, ckpt: str | Path, cfg: PipelineConfig):
+        """The tokenizer saved with checkpoint `ckpt` (the live policy's when that is the one in memory)."""
+        ckpt = str(ckpt)
+        if self.policy_ckpt == ckpt:
+            return self.tokenizer
+        if ckpt not in self.tokenizers:
+            self.tokenizers[ckpt] = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
+        return self.tokenizers[ckpt]
+
+    def forget_policy(self) -> None:
+        """The live policy answers for no checkpoint any more (the next request loads from disk)."""
+        self.policy_ckpt = None
 
     def policy_moved_to(self, ckpt: str | Path) -> None:
         """The live policy was updated and saved at `ckpt`: it now answers for that path."""
