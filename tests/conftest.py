@@ -1,6 +1,19 @@
-"""Shared fixtures: the tiny model is built once per test session, offline."""
-import os
+"""Shared fixtures: the tiny model is built once per test session, offline.
 
+The session gets a Prefect home of its own, set here before anything imports prefect: flow runs
+the tests start (and leave RUNNING, when a test kills one) go to a throwaway database, never to the
+user's ~/.prefect. The user's PREFECT_* variables are dropped too, since any of them (an API URL, a
+profile, a database URL) can point the tests at the user's own server or files. Subprocesses the
+tests start inherit this environment.
+"""
+import os
+import shutil
+import tempfile
+
+for _name in [name for name in os.environ if name.startswith("PREFECT_")]:
+    del os.environ[_name]
+PREFECT_HOME = tempfile.mkdtemp(prefix="pytest-prefect-home-")
+os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -10,6 +23,10 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import tasks  # noqa: E402,F401  (usage telemetry off by default)
 
 hf_logging.disable_progress_bar()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
