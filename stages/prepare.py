@@ -11,6 +11,7 @@ import logging
 import random
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -18,14 +19,18 @@ import torch
 from configs import PipelineConfig
 from models.generation import generate
 from models.loading import load_policy
-from models.sft import train_sft
+from models.sft import sft_optimizer, train_sft
 from models.tiny import save_tiny
 from problems.arithmetic import VOCAB_WORDS
 from problems.datasets import format_prompt, prepare_splits, read_problems
 from problems.verify import extract_answer, is_correct
+from stages.checkpoints import load_optimizer, save_optimizer
+from stages.faults import crash_point
 
 log = logging.getLogger(__name__)
 TINY = "tiny"
+SFT_CHECKPOINTS = "checkpoints"  # inside the warm start's .partial folder
+SFT_PROGRESS = "sft_progress.json"  # in each checkpoint: {"step": steps done, "seconds": SFT time spent}
 
 
 def prepare_data(cfg: PipelineConfig) -> tuple[Path, Path]:
@@ -56,6 +61,31 @@ def _sft_dir(cfg: PipelineConfig) -> Path:
     return cfg.artifacts() / "sft" / cfg.section_hash("model", "data", "sft")
 
 
+def _latest_sft_checkpoint(partial: Path) -> Path | None:
+    """The resumable checkpoint of an unfinished warm start: <partial>/checkpoints/step=<k> with the
+    largest k (a kill between writing a new one and removing the old leaves two), or None."""
+    found = sorted((partial / SFT_CHECKPOINTS).glob("step=*"), key=lambda p: int(p.name.partition("=")[2]))
+    return found[-1] if found else None
+
+
+def _save_sft_checkpoint(partial: Path, step: int, model, tokenizer, optimizer, seconds: float) -> None:
+    """<partial>/checkpoints/step=<step>: weights and tokenizer (save_pretrained), the optimizer state
+    (safetensors + JSON) and the SFT seconds spent so far, written in a temporary sibling and renamed
+    into place, so a kill leaves either the previous checkpoint or this one, complete."""
+    root = partial / SFT_CHECKPOINTS
+    tmp = root / f".step={step}.tmp-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_optimizer(optimizer, tmp)
+    (tmp / SFT_PROGRESS).write_text(json.dumps({"step": step, "seconds": seconds}))
+    final = root / f"step={step}"
+    tmp.rename(final)
+    for older in root.glob("step=*"):
+        if older != final:
+            shutil.rmtree(older)
+    crash_point("sft")
+
+
 def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
     """The policy RL starts from.
 
@@ -63,6 +93,10 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
     (cached under artifacts/sft/<hash of model, data and sft config>/, so a demo re-run skips it).
     Otherwise the hub id or path is returned as is, SFT'd first only when `sft.steps > 0` and the
     task is the built-in one (a real model is expected to arrive already instruction-tuned).
+
+    The warm start trains in `<that folder>.partial`, checkpointing every `sft.checkpoint_every`
+    steps there; a killed one resumes from its last checkpoint and ends with the same weights, to
+    the bit, as one never stopped. The folder gets its final name only once complete.
     """
     if cfg.model.policy != TINY and (cfg.sft.steps == 0 or cfg.data.prompt_set != "arithmetic"):
         return cfg.model.policy
@@ -70,26 +104,43 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
     if (out / "sft.json").exists():
         return out
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.model.policy == TINY:
-        save_tiny(tmp, VOCAB_WORDS, seed=cfg.model.seed, **cfg.model.tiny.model_dump(
-            include={"hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"}))
-        source = str(tmp)
+    checkpoint = _latest_sft_checkpoint(tmp)
+    if checkpoint is not None:
+        source = str(checkpoint)
+        done = json.loads((checkpoint / SFT_PROGRESS).read_text())
+        log.info("resuming the SFT warm start from %s", checkpoint)
     else:
-        source = cfg.model.policy
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = {"step": 0, "seconds": 0.0}
+        if cfg.model.policy == TINY:
+            save_tiny(tmp, VOCAB_WORDS, seed=cfg.model.seed, **cfg.model.tiny.model_dump(
+                include={"hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"}))
+            source = str(tmp)
+        else:
+            source = cfg.model.policy
     model, tok = load_policy(source, **cfg.model.load_kwargs())
+    optimizer = sft_optimizer(model, cfg.sft.lr)
+    if checkpoint is not None:
+        load_optimizer(optimizer, checkpoint)
     examples = sft_examples(cfg, tok)
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.model.seed)
+    t0 = time.perf_counter() - done["seconds"]
+
+    def on_checkpoint(step: int, stepped_optimizer) -> None:
+        _save_sft_checkpoint(tmp, step, model, tok, stepped_optimizer, time.perf_counter() - t0)
+
     with cfg.model.compute():
         losses = train_sft(model, examples, pad_id=tok.pad_token_id, steps=cfg.sft.steps,
                            batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps,
-                           seed=cfg.model.seed, on_step=progress)
+                           seed=cfg.model.seed, optimizer=optimizer, start_step=done["step"],
+                           checkpoint_every=cfg.sft.checkpoint_every, on_checkpoint=on_checkpoint,
+                           on_step=progress)
+    seconds = time.perf_counter() - t0
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shutil.rmtree(tmp / SFT_CHECKPOINTS, ignore_errors=True)
     (tmp / "sft.json").write_text(json.dumps({
         "source": cfg.model.policy, "steps": cfg.sft.steps, "final_loss": losses[-1] if losses else None,
-        "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+        "seconds": round(seconds, 1)}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # complete or absent: a crash mid-SFT never leaves a model that looks finished
     return out
@@ -119,8 +170,12 @@ def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Pa
 
     Same data, batch size and peak lr as the warm start; the cosine schedule is laid over the
     number of steps the warm start's measured speed fits into `seconds`, so the control anneals
-    as a planned run of that length would.
+    as a planned run of that length would. Written in `<out>.partial` and renamed to `out` once
+    complete; an `out` already complete (a resumed run) is returned as it is, not trained again.
     """
+    out = Path(out)
+    if (out / "sft.json").exists():
+        return out
     model, tok = load_policy(str(start), **cfg.model.load_kwargs())
     meta_path = Path(start) / "sft.json"
     rate = None
@@ -128,13 +183,17 @@ def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Pa
         meta = json.loads(meta_path.read_text())
         rate = meta["steps"] / meta["seconds"] if meta.get("seconds") else None
     steps = max(1, int(seconds * rate)) if rate else max(1, cfg.sft.steps)
-    torch.manual_seed(cfg.model.seed + 1)
     with cfg.model.compute():
         losses = train_sft(model, sft_examples(cfg, tok), pad_id=tok.pad_token_id, steps=steps,
                            batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
                            max_seconds=seconds, clock=time.process_time)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,
                                               "planned_steps": steps}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)  # an `out` without sft.json is no result
+    tmp.rename(out)
+    crash_point("sft_control")
     return out
