@@ -46,8 +46,9 @@ class ModelConfig(_Section):
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:1", ...')
     trust_remote_code: bool = False
     seed: int = 0
-    autocast: Literal["none", "bfloat16", "float16"] = Field("none", description=(
-        "matmuls of sampling, the update and SFT under torch.autocast in this dtype; weights, optimizer "
+    autocast: Literal["none", "bfloat16", "float16", "auto"] = Field("none", description=(
+        "matmuls of sampling, the update and SFT under torch.autocast in this dtype (auto: bfloat16 where "
+        "the device multiplies bf16 natively: a GPU, a CPU with avx512_bf16 or AMX; else none); weights, optimizer "
         "and log-softmax stay in model.dtype / float32"))
     attn_implementation: str | None = Field(None, description=(
         'transformers attention kernel: "sdpa", "eager", "flash_attention_2", ...; default: the model\'s'))

@@ -10,11 +10,11 @@ A state is never changed in place: each commit returns a new one.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from configs import UserError, build_config, dump_config
 from stages.evaluation import Evaluation
@@ -22,12 +22,18 @@ from stages.run_layout import RunLayout
 
 
 class MetricRecord(BaseModel):
-    """Metrics logged at one step: `prefix` + key in MLflow ("" for GRPO steps, "eval/", "rm/", ...)."""
+    """Metrics logged at one step: `prefix` + key in MLflow ("" for GRPO steps, "eval/", "rm/", ...).
+    Non-finite values (an AUC of a one-class split) are left out, as MLflow leaves them out."""
 
     model_config = ConfigDict(frozen=True)
     step: int
     prefix: str = ""
     metrics: dict[str, float]
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, metrics: dict[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 class RunState(BaseModel):

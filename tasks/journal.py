@@ -24,6 +24,7 @@ from stages.run_layout import RunLayout
 from stages.run_state import MetricRecord, RunState, commit
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
+from tasks.workspace import WORKSPACE
 
 
 class RunJournal:
@@ -35,6 +36,7 @@ class RunJournal:
         self._wall = self._cpu = 0.0  # RL time spent since the last commit
         self._step_start: tuple[float, float] | None = None
         self._rollouts_done = 0.0
+        self._updated_since_commit = False  # the live policy is ahead of the committed checkpoint
 
     # ---- what the tasks are given -----------------------------------------------------------------
     @property
@@ -112,6 +114,7 @@ class RunJournal:
                               step % M + 1, M, metrics["reward_mean"], metrics["accuracy"], metrics.get("kl", 0.0),
                               metrics.get("loss", 0.0), metrics["step_seconds"])
         ckpt, saved = self.checkpoint(step)
+        self._updated_since_commit = not saved
         if saved:
             self.commit(step=step, policy=self.layout.ref(ckpt))
             self.layout.prune_step_checkpoints(keep=Path(ckpt))
@@ -121,8 +124,13 @@ class RunJournal:
         return (step + 1) % self.cfg.loop.eval_every == 0 and (step + 1) % self.cfg.loop.steps_per_iteration != 0
 
     def record_eval(self, ev: Evaluation, at_step: int) -> None:
+        """An evaluation of the live policy: committed at once when that policy is the committed one (a
+        resumed run does not redo committed steps, so it would not redo their evaluation either), else
+        with the next checkpoint (a resumed run redoes both)."""
         self.record(at_step, ev.metrics(), prefix="eval/")
         get_run_logger().info("eval after step %d: %s", at_step, ev.describe())
+        if not self._updated_since_commit:
+            self.commit()
 
     @contextmanager
     def counted(self):
@@ -145,7 +153,10 @@ class RunJournal:
 
     def save_iteration_policy(self, iteration: int) -> str:
         """The policy at the end of `iteration`, kept (step checkpoints are pruned)."""
-        return str(copy_checkpoint(self.layout.path(self.state.policy), self.layout.policy_iteration(iteration)))
+        committed = self.layout.path(self.state.policy)
+        kept = str(copy_checkpoint(committed, self.layout.policy_iteration(iteration)))
+        WORKSPACE.policy_copied(committed, kept)
+        return kept
 
     def end_iteration(self, iteration: int, policy: str, ev: Evaluation) -> None:
         crash_point("final_eval" if iteration == self.cfg.loop.iterations - 1 else "iteration_eval")

@@ -58,6 +58,12 @@ class Workspace:
             self.tokenizers[ckpt] = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
         return self.tokenizers[ckpt]
 
+    def policy_copied(self, src: str | Path, dst: str | Path) -> None:
+        """Checkpoint `src` was copied to `dst`: if the live policy is `src`, it answers for `dst` now
+        (no reload of the same weights at the next iteration)."""
+        if self.policy_ckpt == str(src):
+            self.policy_ckpt = str(dst)
+
     def forget_policy(self) -> None:
         """The live policy answers for no checkpoint any more (the next request loads from disk)."""
         self.policy_ckpt = None
