@@ -6,7 +6,8 @@
         [rft, dpo: pool <- sample G outputs once from sft_policy for all steps' questions, score]
         for step = 1..M:                                    the same questions for every method
             rows   <- data source of the method (live samples | pool slice | ground truth)
-            rows   <- score_rollouts(rows)                  rule verifier
+            rows   <- score_rollouts(rows)                  rule verifier (grpo: + compute_advantages)
+            write rows once: <run>/rollouts/iteration=0/step=<s>/part-0.parquet
             policy <- update (grpo_update for grpo, method_update for the others)
             every eval_every steps: greedy accuracy, Pass@K, Maj@K on the held-out split (loop.eval_*)
     plot accuracy vs samples seen (one line per method; DeepSeekMath Figure 5 on this task), table
@@ -17,7 +18,10 @@ optimizer (grpo.lr, AdamW), one update per step. The reward is the rule verifier
 methods: reward-model sources in the config are dropped (no reward model is trained here).
 
 Run it: `python -m flows.compare_methods --config configs/demo.yaml [--methods grpo,ppo] [key.sub=value ...]`.
-Not resumable: a method's run folder is started afresh each time.
+Each method has a run folder (stages/run_layout.py, run_id `<compare_id>-<method>`) with its step
+tables (in memory between the tasks, written once for audit: the offline pool's rows keep
+policy_version 0) and its final policy, checkpoints/policy/iteration=0. Not resumable: a method's run
+folder is started afresh each time.
 """
 from __future__ import annotations
 
@@ -29,25 +33,26 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from configs import PipelineConfig
 from configs.schema import RewardSource
 from flows.cli import config_from_args, config_parser
-from flows.iterative_grpo import train_problems, pick_questions
+from flows.iterative_grpo import pick_questions, train_problems
 from problems.datasets import draw_questions
 from stages import method_data
-from stages.rollout_store import rollout_path
+from stages.evaluation import Evaluation
+from stages.rollout_store import write_atomic
+from stages.run_layout import RunLayout
 from tasks import tracking
-from tasks.methods import drop_value_model, method_update
+from tasks.methods import drop_value_model, ground_truth_rows, method_update
 from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data
 from tasks.step import compute_advantages, grpo_update, sample_groups, score_rollouts
-from tasks.workspace import WORKSPACE
 
 ALL_METHODS = ("grpo", "ppo", "online_rft", "rft", "dpo", "sft")
 PARENT_TAG = "mlflow.parentRunId"
-EVAL_KEYS = ("accuracy", "answered", "mean_length")
 
 
 class PeakRSS:
@@ -91,87 +96,85 @@ def _child_run(cfg: PipelineConfig, parent_id: str, method: str, compare_id: str
     run = client.create_run(exp_id, run_name=method, tags={PARENT_TAG: parent_id, "method": method,
                                                             "compare_id": compare_id,
                                                             tracking.RUN_TAG: cfg.run_id})
-    params = {k: v for k, v in cfg.flat().items()}
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
 
 
+def step_rows(cfg: PipelineConfig, method: str, s: int, policy: str, sft_ckpt: str, train_path: str,
+              pool: pa.Table | None) -> pa.Table:
+    """Step s's training rows for `method`: its data source, scored by the verifier (+ advantages for grpo)."""
+    q = cfg.loop.questions_per_step
+    if method == "sft":
+        questions = draw_questions(train_problems(train_path), q * cfg.sampling.group_size,
+                                   f"{cfg.data.seed}-{cfg.model.seed}-{s}-sft")
+        return ground_truth_rows(cfg, questions, sft_ckpt)
+    if pool is not None:
+        return method_data.pool_slice(pool, s * q, q)
+    rows = sample_groups(cfg, policy, pick_questions(train_path, cfg, s), s)
+    rows = score_rollouts(cfg, rows, sft_ckpt, {})
+    return compute_advantages(cfg, rows) if method == "grpo" else rows
+
+
 @flow(name="method-run", flow_run_name="method-{method}")
 def method_run(config: PipelineConfig, method: str, compare_id: str, parent_mlflow_id: str, train_path: str,
-               test_path: str, sft_ckpt: str, initial_eval: dict) -> dict:
+               test_path: str, sft_ckpt: str, initial_eval: Evaluation) -> dict:
     """One method of the unified paradigm from the SFT policy, with its own nested MLflow run."""
     logger = get_run_logger()
-    run_id = f"{compare_id}-{method}"
-    cfg = config.model_copy(update={"algorithm": method, "run_id": run_id})
-    run_dir = cfg.artifacts() / "runs" / run_id
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh incarnation: no cached paths from an earlier attempt
-    run_dir.mkdir(parents=True)
+    cfg = config.model_copy(update={"algorithm": method, "run_id": f"{compare_id}-{method}"})
+    layout = RunLayout.of(cfg.artifacts(), cfg.run_id)
+    shutil.rmtree(layout.root, ignore_errors=True)  # a fresh incarnation: nothing left from an earlier attempt
+    layout.root.mkdir(parents=True)
     mlflow_id = _child_run(cfg, parent_mlflow_id, method, compare_id)
-    M, q, G = cfg.loop.steps_per_iteration, cfg.loop.questions_per_step, cfg.sampling.group_size
-    per_step = q * G
-    curve = [{"samples": 0, **initial_eval}]
-    tracking.log_metrics(cfg, mlflow_id, initial_eval, 0, prefix="eval/")
+    M, per_step = cfg.loop.steps_per_iteration, cfg.loop.questions_per_step * cfg.sampling.group_size
+    curve = [{"samples": 0, **initial_eval.metrics()}]
+    tracking.log_metrics(cfg, mlflow_id, initial_eval.metrics(), 0, prefix="eval/")
     policy = sft_ckpt
-    WORKSPACE.policy_at(sft_ckpt, cfg)  # the SFT weights, freshly loaded (the last method moved the live model)
-    ckpt_dir = run_dir / "checkpoints"
     step_seconds, update_seconds = [], []
     t_start = time.perf_counter()
     with PeakRSS() as mem:
         pool = None
         if method in ("rft", "dpo"):
-            # Offline: sampled once, from the SFT model, for every step's questions, before any update.
+            # Offline: sampled once, from the SFT model (policy_version 0), for every step's questions, scored.
             everything = [x for s in range(M) for x in pick_questions(train_path, cfg, s)]
-            pool = sample_groups(cfg, run_id, 0, 10**6, sft_ckpt, everything,
-                                 str(run_dir / "pool" / "pool.parquet"))
-            pool = score_rollouts(cfg, run_id, 0, 10**6, pool, {})
+            pool = score_rollouts(cfg, sample_groups(cfg, sft_ckpt, everything, 0), sft_ckpt, {})
         for s in range(M):
             t0 = time.perf_counter()
-            out = str(rollout_path(cfg.artifacts(), run_id, 0, s))
-            if method == "sft":
-                questions = draw_questions(train_problems(train_path), per_step,
-                                           f"{cfg.data.seed}-{cfg.model.seed}-{s}-sft")
-                path = str(method_data.sft_rollouts(questions, WORKSPACE.tokenizer, out, run_id=run_id))
-            elif pool is not None:
-                path = str(method_data.pool_slice(pool, s * q, q, out))
-            else:
-                path = sample_groups(cfg, run_id, 0, s, policy, pick_questions(train_path, cfg, s), out)
-                path = score_rollouts(cfg, run_id, 0, s, path, {})
+            rows = step_rows(cfg, method, s, policy, sft_ckpt, train_path, pool)
+            write_atomic(rows, layout.rollouts(0, s))
             t1 = time.perf_counter()
             last = s == M - 1
-            target = str(ckpt_dir / "policy" / (f"step={s}" if not last else "final"))
+            target = str(layout.policy_iteration(0) if last else layout.policy_step(s))  # only the last is saved
             if method == "grpo":
-                path = compute_advantages(cfg, run_id, 0, s, path)
-                policy, update = grpo_update(cfg, policy, sft_ckpt, path, target, last)
+                policy, update = grpo_update(cfg, policy, sft_ckpt, rows, target, last)
             else:
-                policy, update = method_update(cfg, run_id, policy, sft_ckpt, path, target, last,
+                policy, update = method_update(cfg, policy, sft_ckpt, rows, target, last,
                                                seed=cfg.model.seed * 1000 + s)
             t2 = time.perf_counter()
             samples = (s + 1) * per_step
-            metrics = {**method_data.batch_metrics(path), **update, "data_seconds": t1 - t0,
+            metrics = {**method_data.batch_metrics(rows), **update, "data_seconds": t1 - t0,
                        "update_step_seconds": t2 - t1, "step_seconds": t2 - t0, "train_step": s + 1}
             step_seconds.append(t2 - t0)
             update_seconds.append(t2 - t1)
             tracking.log_metrics(cfg, mlflow_id, metrics, samples)
             if (s + 1) % cfg.loop.eval_every == 0 or last:
                 ev = evaluate_policy(cfg, policy, test_path)
-                tracking.log_metrics(cfg, mlflow_id, ev, samples, prefix="eval/")
-                curve.append({"samples": samples, **ev})
-                logger.info("%s step %d/%d (%d samples): greedy %.3f  %s", method, s + 1, M, samples,
-                            ev["accuracy"], "  ".join(f"{k} {v:.3f}" for k, v in ev.items() if "_at_" in k))
+                tracking.log_metrics(cfg, mlflow_id, ev.metrics(), samples, prefix="eval/")
+                curve.append({"samples": samples, **ev.metrics()})
+                logger.info("%s step %d/%d (%d samples): %s", method, s + 1, M, samples, ev.describe())
     wall = time.perf_counter() - t_start
     value = {k: update[k] for k in ("value_params", "value_state_mb") if k in update}
-    summary = {"method": method, "mlflow_run_id": mlflow_id, "run_id": run_id, "policy": policy, "curve": curve,
+    summary = {"method": method, "mlflow_run_id": mlflow_id, "run_id": cfg.run_id, "policy": policy, "curve": curve,
                "final": curve[-1], "wall_seconds": wall, "step_seconds_mean": sum(step_seconds) / max(1, M),
                "update_seconds_mean": sum(update_seconds) / max(1, M), "peak_rss_mb": mem.peak_mb,
                "rss_start_mb": mem.start / 2**20, "samples": M * per_step, **value}
     tracking.log_metrics(cfg, mlflow_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, M * per_step,
                          prefix="summary/")
     tracking.finish_run(cfg, mlflow_id)
-    drop_value_model(run_id)
+    drop_value_model(cfg.run_id)
     return summary
 
 
@@ -201,18 +204,18 @@ def plot_curves(results: list[dict], out: Path, k: int) -> Path:
     return out
 
 
-def results_table(results: list[dict], initial: dict, k: int) -> str:
+def results_table(results: list[dict], initial: Evaluation, k: int) -> str:
+    def scores(m: dict) -> str:  # an evaluation's metrics() view
+        return " | ".join(f"{m.get(key, float('nan')):.3f}" for key in ("accuracy", f"maj_at_{k}", f"pass_at_{k}"))
+
     head = (f"| method | greedy acc | Maj@{k} | Pass@{k} | wall (s) | s/step | update s/step | peak RSS (MB) "
             "| value model |\n|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| SFT start | {initial['accuracy']:.3f} | {initial.get(f'maj_at_{k}', float('nan')):.3f} | "
-            f"{initial.get(f'pass_at_{k}', float('nan')):.3f} | | | | | |"]
+    rows = [f"| SFT start | {scores(initial.metrics())} | | | | | |"]
     for r in sorted(results, key=lambda r: -r["final"]["accuracy"]):
-        f = r["final"]
         vm = (f"{int(r['value_params']):,} params, {r['value_state_mb']:.1f} MB train state"
               if "value_params" in r else "")
-        rows.append(f"| {r['method']} | {f['accuracy']:.3f} | {f.get(f'maj_at_{k}', float('nan')):.3f} | "
-                    f"{f.get(f'pass_at_{k}', float('nan')):.3f} | {r['wall_seconds']:.0f} | {r['step_seconds_mean']:.2f} | "
-                    f"{r['update_seconds_mean']:.2f} | {r['peak_rss_mb']:.0f} | {vm} |")
+        rows.append(f"| {r['method']} | {scores(r['final'])} | {r['wall_seconds']:.0f} | "
+                    f"{r['step_seconds_mean']:.2f} | {r['update_seconds_mean']:.2f} | {r['peak_rss_mb']:.0f} | {vm} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -246,8 +249,8 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
 
     client.log_batch(parent, tags=[RunTag("methods", ",".join(methods)), RunTag("kind", "compare-methods")])
     initial = evaluate_policy(cfg, sft_ckpt, test_path)
-    tracking.log_metrics(cfg, parent, initial, 0, prefix="start/")  # not "sft/": that is the sft method's
-    logger.info("SFT start: %s", "  ".join(f"{k} {v:.3f}" for k, v in initial.items()))
+    tracking.log_metrics(cfg, parent, initial.metrics(), 0, prefix="start/")  # not "sft/": that is the sft method's
+    logger.info("SFT start: %s", initial.describe())
     results = []
     for m in methods:
         results.append(method_run(cfg, m, compare_id, parent, train_path, test_path, sft_ckpt, initial))
@@ -256,12 +259,13 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
         tracking.log_metrics(cfg, parent, {f"{m}/wall_seconds": r["wall_seconds"],
                                            f"{m}/step_seconds": r["step_seconds_mean"],
                                            f"{m}/peak_rss_mb": r["peak_rss_mb"]}, r["samples"])
-    out_dir = cfg.artifacts() / "runs" / compare_id
+    out_dir = RunLayout.of(cfg.artifacts(), compare_id).root
     k = cfg.loop.eval_samples
     png = plot_curves(results, out_dir / "accuracy_vs_samples.png", k)
     table = results_table(results, initial, k)
     (out_dir / "results.md").write_text(table)
-    (out_dir / "results.json").write_text(json.dumps({"initial": initial, "results": results}, indent=1, default=str))
+    (out_dir / "results.json").write_text(json.dumps({"initial": initial.model_dump(), "results": results}, indent=1,
+                                                     default=str))
     tracking.log_artifact(cfg, parent, png)
     tracking.log_artifact(cfg, parent, out_dir / "results.md")
     tracking.log_artifact(cfg, parent, out_dir / "results.json")
@@ -269,7 +273,7 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     M, q, G = cfg.loop.steps_per_iteration, cfg.loop.questions_per_step, cfg.sampling.group_size
     create_markdown_artifact(
         f"# Methods compared ({compare_id})\n\nSame SFT start, {M} steps x {q} questions x G={G} "
-        f"= {M * q * G} samples per method. Held-out greedy accuracy on {initial['n']} questions, Maj@{k} / "
+        f"= {M * q * G} samples per method. Held-out greedy accuracy on {initial.n} questions, Maj@{k} / "
         f"Pass@{k} on {cfg.loop.eval_sample_questions} at T={cfg.sampling.temperature}.\n\n{table}\n"
         f"Plot: `{png}` (MLflow run {parent}).\n", key="methods-compared", description="Unified paradigm")
     return {"compare_id": compare_id, "mlflow_run_id": parent, "initial": initial, "results": results,

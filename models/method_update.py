@@ -33,10 +33,6 @@ from models.policy import completion_logprobs
 from models.trainer import UpdateBatch, accumulate_policy_gradients, clip_and_step, grpo_update, micro_batch_share
 
 
-# The name stages/method_data.py and tests/test_compare_methods.py still import; one batch type serves every method.
-MethodBatch = UpdateBatch
-
-
 # ---- the value model ---------------------------------------------------------------------------
 def token_values(value_model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, width: int,
                  micro_batch_size: int = 64, with_grad: bool = False) -> torch.Tensor:

@@ -1,48 +1,38 @@
-"""Where each method's training rows come from, as rollout files (the unified paradigm's "data source").
+"""Where each method's training rows come from, as rollout tables (the unified paradigm's "data source").
 
 - grpo, ppo, online_rft: the live policy's samples (stages.sampling.sample_groups, as in the pipeline).
 - rft, dpo: one offline pool sampled ONCE from the SFT model at the start (all steps' questions x G),
   scored once; step s trains on its slice of it (`pool_slice`).
 - sft: the ground-truth solutions of the questions (`sft_rollouts`), one row per question, correct.
 
-Every step file has the rollout schema (plus `reward` once scored), so `read_method_batch` reads any
-of them into a `models.method_update.MethodBatch`.
+Every step's table has the rollout schema (plus `reward` once scored), so `method_batch` turns any of
+them into the `models.trainer.UpdateBatch` that models/method_update.py trains on.
 """
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from models.method_update import MethodBatch
+from models.trainer import UpdateBatch
 from problems.datasets import format_prompt
-from stages.rollout_store import ROLLOUT_SCHEMA, padded, read_rollouts, write_atomic
+from stages.rollout_store import ROLLOUT_SCHEMA, padded, with_columns
 
 
-def pool_slice(pool_path: str | Path, first_group: int, n_groups: int, out_path: str | Path) -> Path:
-    """Groups [first_group, first_group + n_groups) of the pool as a step file (group_index from 0)."""
-    out_path = Path(out_path)
-    if out_path.exists():
-        return out_path
-    table = read_rollouts(pool_path)
-    g = table.column("group_index")
-    keep = pc.and_(pc.greater_equal(g, first_group), pc.less(g, first_group + n_groups))
-    part = table.filter(keep)
-    idx = part.schema.get_field_index("group_index")
-    part = part.set_column(idx, "group_index", pc.subtract(part.column("group_index"),
-                                                           pa.scalar(first_group, pa.int32())))
-    return write_atomic(part, out_path)
+def pool_slice(pool: pa.Table, first_group: int, n_groups: int) -> pa.Table:
+    """Groups [first_group, first_group + n_groups) of the pool, renumbered from group_index 0."""
+    g = pool.column("group_index")
+    part = pool.filter(pc.and_(pc.greater_equal(g, first_group), pc.less(g, first_group + n_groups)))
+    shifted = pc.subtract(part.column("group_index"), pa.scalar(first_group, pa.int32()))
+    return with_columns(part, {"group_index": shifted})
 
 
-def sft_rollouts(questions: list[dict], tokenizer, out_path: str | Path, *, run_id: str, source: str = "ground-truth"
-                 ) -> Path:
-    """The questions' reference solutions (+ EOS) as rollout rows: SFT's data (stages.prepare.encode_examples)."""
-    out_path = Path(out_path)
-    if out_path.exists():
-        return out_path
+def sft_rollouts(questions: list[dict], tokenizer, *, run_id: str) -> pa.Table:
+    """The questions' reference solutions (+ EOS) as scored rollout rows, reward 1: SFT's data
+    (stages.prepare.encode_examples). No policy sampled them: `policy_version` is null, the
+    sampler backend "none"."""
     prompts = [format_prompt(q["question"]) for q in questions]
     prompt_ids = tokenizer(prompts)["input_ids"] if prompts else []
     targets = tokenizer([q["solution"] for q in questions], add_special_tokens=False)["input_ids"] if prompts else []
@@ -54,19 +44,19 @@ def sft_rollouts(questions: list[dict], tokenizer, out_path: str | Path, *, run_
                      "prompt": prompts[g], "completion": q["solution"], "prompt_ids": p, "completion_ids": ids,
                      "old_logprobs": [], "completion_length": len(ids), "truncated": False, "finish_reason": "eos",
                      "answer": str(q["answer"]), "solution": q["solution"], "extracted_answer": str(q["answer"]),
-                     "correct": True, "policy_checkpoint": source, "sampler_backend": "none", "seed": 0,
+                     "correct": True, "policy_version": None, "sampler_backend": "none", "seed": 0,
                      "sampled_at": now})
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
-    table = table.append_column("reward", pa.array([1.0] * len(rows), type=pa.float32()))
-    return write_atomic(table, out_path)
+    return table.append_column("reward", pa.array([1.0] * len(rows), type=pa.float32()))
 
 
-def read_method_batch(path: str | Path, group_size: int) -> MethodBatch:
-    table = read_rollouts(path)
+def method_batch(table: pa.Table, group_size: int) -> UpdateBatch:
+    """The update's batch from a step's table: token ids, correctness, reward (correctness when
+    unscored) and, once computed, the advantages."""
     correct = torch.tensor(table.column("correct").to_pylist(), dtype=torch.bool)
     rewards = (torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32)
                if "reward" in table.column_names else correct.float())
-    return MethodBatch(
+    return UpdateBatch(
         prompt_ids=table.column("prompt_ids").to_pylist(),
         completion_ids=table.column("completion_ids").to_pylist(),
         correct=correct, rewards=rewards, group_size=group_size,
@@ -74,11 +64,10 @@ def read_method_batch(path: str | Path, group_size: int) -> MethodBatch:
     )
 
 
-def batch_metrics(path: str | Path) -> dict[str, float]:
-    """What the step trained on: reward, accuracy, length (any method's step file)."""
-    t = read_rollouts(path)
+def batch_metrics(t: pa.Table) -> dict[str, float]:
+    """What the step trained on: reward, accuracy, length (any method's step table)."""
     n = max(1, t.num_rows)
-    reward = t.column("reward").to_pylist() if "reward" in t.column_names else t.column("correct").to_pylist()
+    reward = t.column("reward" if "reward" in t.column_names else "correct").to_pylist()
     return {
         "reward_mean": sum(float(r) for r in reward) / n,
         "accuracy": sum(t.column("correct").to_pylist()) / n,

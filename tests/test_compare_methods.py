@@ -7,12 +7,14 @@ methods x 2 steps on a barely-trained tiny model, on the real Prefect API (ephem
 import copy
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
 from models import method_update as mu
-from models.method_update import MethodBatch, method_update, token_values
+from models.method_update import method_update, token_values
 from models.reward_model import ValueHeadRewardModel
+from models.trainer import UpdateBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def _batch(tok, correct, group_size, seed=0):
     comps = [torch.randint(5, vocab, (int(n),), generator=g).tolist() + [tok.eos_token_id]
              for n in torch.randint(2, 9, (len(correct),), generator=g)]
     c = torch.tensor(correct, dtype=torch.bool)
-    return MethodBatch([list(prompt)] * len(correct), comps, c, c.float(), group_size)
+    return UpdateBatch([list(prompt)] * len(correct), comps, c, c.float(), group_size)
 
 
 def _params(model):
@@ -137,6 +139,26 @@ def test_sft_is_rft_on_all_correct_rows(tiny):
     assert all(torch.allclose(a, b) for a, b in zip(*out))
 
 
+def test_method_data_tables(tiny):
+    """SFT's ground-truth rows and a pool's slices, as tables, make the update's batch."""
+    from stages import method_data
+
+    _, tok = tiny
+    qs = [{"id": i, "question": f"Tom has {i} apples and buys 2 more. How many?", "solution": f"{i} + 2 = {i + 2}\n"
+           f"#### {i + 2}", "answer": str(i + 2)} for i in range(3)]
+    sft = method_data.sft_rollouts(qs, tok, run_id="r")
+    assert sft.column("group_index").to_pylist() == [0, 1, 2] and all(sft.column("correct").to_pylist())
+    assert sft.column("policy_version").null_count == 3  # no policy sampled them
+    batch = method_data.method_batch(sft, 1)
+    assert all(c[-1] == tok.eos_token_id for c in batch.completion_ids) and batch.rewards.tolist() == [1.0] * 3
+    assert method_data.batch_metrics(sft)["accuracy"] == 1.0
+    pool = sft.set_column(sft.schema.get_field_index("correct"), "correct", pa.array([True, False, True]))
+    part = method_data.pool_slice(pool, 1, 2)
+    assert part.column("group_index").to_pylist() == [0, 1]
+    assert part.column("question_id").to_pylist() == ["1", "2"] and part.column("correct").to_pylist() == [False, True]
+    assert method_data.batch_metrics(part)["accuracy"] == 0.5
+
+
 # ---- end to end --------------------------------------------------------------------------------
 TINY = ["sft.steps=30", "data.train_size=300", "data.test_size=16", "loop.steps_per_iteration=2",
         "loop.questions_per_step=2", "loop.eval_every=1", "sampling.group_size=4", "sampling.max_new_tokens=16",
@@ -201,12 +223,23 @@ def test_compare_flow_markdown_artifact_and_offline_pool(compared):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from stages.rollout_store import open_rollouts
+    from stages.run_layout import RunLayout
+
     cfg, out = compared
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["methods-compared"])))
     assert arts and "| grpo |" in arts[0].data
-    # DPO trained on a pool sampled once from the SFT model, sliced per step.
-    run_dir = cfg.artifacts() / "runs" / "cmp-dpo"
-    assert (run_dir / "pool" / "pool.parquet").exists()
-    assert sorted(p.name for p in run_dir.glob("rollouts/iteration=0/*.parquet")) == ["step=0.parquet",
-                                                                                      "step=1.parquet"]
+    # DPO trained on a pool sampled once (one seed) from the SFT model (policy_version 0), sliced per
+    # step; GRPO on the live policy's samples, one sampling per step.
+    for method, versions, seeds in (("dpo", [0, 0], 1), ("grpo", [0, 1], 2)):
+        layout = RunLayout.of(cfg.artifacts(), f"cmp-{method}")
+        assert [layout.rollouts(0, s).exists() for s in range(3)] == [True, True, False], method
+        rows = open_rollouts(layout.rollouts_dir).to_table().sort_by("step")
+        steps = rows.column("step").to_pylist()
+        assert sorted(set(steps)) == [0, 1] and rows.num_rows == 2 * 2 * 4, method
+        assert [rows.column("policy_version")[steps.index(s)].as_py() for s in (0, 1)] == versions, method
+        assert len(set(rows.column("policy_version").to_pylist())) == len(set(versions)), method
+        assert len(set(rows.column("seed").to_pylist())) == seeds, method
+        assert set(rows.column("group_index").to_pylist()) == {0, 1}, method  # slices renumbered from 0
+    assert layout.policy_iteration(0).is_dir()  # the final policy is saved
