@@ -1,8 +1,9 @@
 """A run survives anything: killed with SIGKILL at every named point (stages/faults.py), resumed in a
 fresh process each time, it ends exactly as an uninterrupted run with the same seed does.
 
-Every pipeline run here is a real `python -m flows.iterative_grpo` process on a shared Prefect API
-(the test harness's) and its own MLflow SQLite store, with the tiny sizes of tests/test_pipeline_e2e.py.
+Every pipeline run here is a process of its own running `flows.iterative_grpo.main` (forked from a
+process that has done the imports, tests/forked_runs.py, or a plain `python -m` where two must run at
+once), on a shared Prefect API (the test harness's) and an MLflow SQLite store per artifacts root.
 """
 import json
 import os
@@ -51,20 +52,32 @@ def api_url():
         yield PREFECT_API_URL.value()
 
 
-def start(api_url, root, run_id, *extra, crash=None):
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
-    env.pop("GRPO_CRASH_AT", None)
-    if crash:
-        env["GRPO_CRASH_AT"] = crash
-    cmd = [sys.executable, "-m", "flows.iterative_grpo", "--config", str(ROOT / "configs/demo.yaml"),
-           f"storage.artifacts_root={root}", *TINY_RUN, f"run_id={run_id}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture(scope="module")
+def forks(api_url):
+    from tests.forked_runs import ForkServer
+
+    server = ForkServer(ROOT, {**os.environ, "PREFECT_API_URL": api_url})
+    yield server
+    server.close()
 
 
-def run(api_url, root, run_id, *extra, crash=None, expect=0):
-    proc = start(api_url, root, run_id, *extra, crash=crash)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == expect, f"{run_id} crash={crash}: exit {proc.returncode}, expected {expect}\n{out[-4000:]}"
+def argv(root, run_id, *extra):
+    return ["--config", str(ROOT / "configs/demo.yaml"), f"storage.artifacts_root={root}", *TINY_RUN,
+            f"run_id={run_id}", *extra]
+
+
+def start(api_url, root, run_id, *extra):
+    """A pipeline process of its own (`python -m`), for runs that must overlap."""
+    return subprocess.Popen([sys.executable, "-m", "flows.iterative_grpo", *argv(root, run_id, *extra)], cwd=ROOT,
+                            env={**os.environ, "PREFECT_API_URL": api_url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(forks, root, run_id, *extra, crash=None, expect=0):
+    log = Path(root) / f"{run_id}-{crash or 'run'}-{time.monotonic_ns()}.log"
+    code = forks.run(argv(root, run_id, *extra), {"GRPO_CRASH_AT": crash or ""}, log)
+    out = log.read_text()
+    assert code == expect, f"{run_id} crash={crash}: exit {code}, expected {expect}\n{out[-4000:]}"
     return out
 
 
@@ -108,10 +121,15 @@ def assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(api_url, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight")
-    run(api_url, root, "r")
-    return outcome(root, "r")
+def shared(tmp_path_factory):
+    """One artifacts root for the runs that need not start from nothing: they share the SFT warm start."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="module")
+def straight(forks, shared):
+    run(forks, shared, "r")
+    return outcome(shared, "r")
 
 
 def test_an_uninterrupted_run_records_each_step_and_evaluation_once(straight):
@@ -134,64 +152,72 @@ def test_an_uninterrupted_run_records_each_step_and_evaluation_once(straight):
     assert t.column("policy_version").to_pylist() == t.column("step").to_pylist()
 
 
-def test_killed_at_every_point_and_resumed_each_time_it_ends_as_the_uninterrupted_run(api_url, tmp_path, straight):
+def test_killed_at_every_point_and_resumed_each_time_it_ends_as_the_uninterrupted_run(forks, tmp_path, straight):
     for point in CHAIN:
-        run(api_url, tmp_path, "r", crash=point, expect=-signal.SIGKILL)
-    run(api_url, tmp_path, "r")
+        run(forks, tmp_path, "r", crash=point, expect=-signal.SIGKILL)
+    run(forks, tmp_path, "r")
     assert_same_run(straight, outcome(tmp_path, "r"))
+    # in Prefect, each killed process's flow runs were marked Crashed by the process that resumed the run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["run:r"])))
+    killed = [f for f in flow_runs if f.state.type.value == "CRASHED"]
+    assert not [f for f in flow_runs if f.state.type.value in ("RUNNING", "PENDING")]
+    assert len({f.parent_task_run_id is None and f.id for f in killed} - {False}) == len(CHAIN)
+    assert all("was resumed by flow run" in f.state.message for f in killed)
 
 
-def test_a_second_process_on_the_same_run_id_stops_at_once_naming_the_holder(api_url, tmp_path, straight):
-    first = start(api_url, tmp_path, "r")
-    lock = tmp_path / "runs/r/run.lock"
+def test_a_second_process_on_the_same_run_id_stops_at_once_naming_the_holder(api_url, forks, shared, straight):
+    first = start(api_url, shared, "lock")
+    lock = shared / "runs/lock/run.lock"
     deadline = time.time() + 120
     while not (lock.exists() and lock.read_text()):
         assert first.poll() is None and time.time() < deadline, "the first process never took the lock"
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-m", "flows.iterative_grpo", "--config", str(ROOT / "configs/demo.yaml"),
-                             f"storage.artifacts_root={tmp_path}", *TINY_RUN, "run_id=r"], cwd=ROOT,
-                            env={**os.environ, "PREFECT_API_URL": api_url}, capture_output=True, text=True, timeout=120)
+    second = run(forks, shared, "lock", expect=2)
     holder = json.loads(lock.read_text())
-    assert second.returncode == 2
-    assert second.stderr.strip().count("\n") == 0, second.stderr
-    assert f"pid {holder['pid']}" in second.stderr and "run 'r' is in use" in second.stderr
+    assert second.strip().count("\n") == 0, second
+    assert f"pid {holder['pid']}" in second and "run 'lock' is in use" in second
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
-    assert_same_run(straight, outcome(tmp_path, "r"))
+    assert_same_run(straight, outcome(shared, "lock"))
 
 
-def test_a_run_folder_moved_elsewhere_resumes_there(api_url, tmp_path, straight):
-    old, new = tmp_path / "old", tmp_path / "new"
-    run(api_url, old, "r", crash="update@3", expect=-signal.SIGKILL)  # iteration 1, its first update
-    (new / "runs").mkdir(parents=True)
-    shutil.move(str(old / "runs/r"), str(new / "runs/r"))
-    shutil.rmtree(old)  # nothing of the old place is left to lean on (SFT cache, data, MLflow store)
-    run(api_url, new, "r")
-    assert_same_run(straight, outcome(new, "r"))
+def test_a_run_folder_moved_elsewhere_resumes_there(forks, shared, tmp_path, straight):
+    run(forks, shared, "moved", crash="update@3", expect=-signal.SIGKILL)  # iteration 1, its first update
+    (tmp_path / "runs").mkdir()
+    shutil.move(str(shared / "runs/moved"), str(tmp_path / "runs/moved"))
+    # the new root has nothing of the old one to lean on: no SFT warm start, data splits or MLflow store
+    run(forks, tmp_path, "moved")
+    assert_same_run(straight, outcome(tmp_path, "moved"))
 
 
-def test_a_run_id_reused_with_another_config_is_refused_naming_the_fields(api_url, tmp_path):
-    run(api_url, tmp_path, "r", crash="sampling", expect=-signal.SIGKILL)
-    out = run(api_url, tmp_path, "r", "grpo.lr=0.0001", "sampling.temperature=0.7", expect=2)
+def test_a_run_id_reused_with_another_config_is_refused_naming_the_fields(forks, shared):
+    run(forks, shared, "cfg", crash="sampling", expect=-signal.SIGKILL)
+    out = run(forks, shared, "cfg", "grpo.lr=0.0001", "sampling.temperature=0.7", expect=2)
     assert out.strip().count("\n") == 0, out
     assert "grpo.lr (3e-05 -> 0.0001)" in out and "sampling.temperature (1.0 -> 0.7)" in out
     assert "loop" not in out  # only what differs
     # what may change on resume: how many iterations (and where the run lives)
-    run(api_url, tmp_path, "r", "loop.iterations=1")
-    assert read_state(RunLayout.of(tmp_path, "r")).iteration == 1
+    run(forks, shared, "cfg", "loop.iterations=1")
+    assert read_state(RunLayout.of(shared, "cfg")).iteration == 1
 
 
-def test_checkpoints_every_two_steps_and_mu_two_resume_after_kills_between_checkpoints(api_url, tmp_path_factory):
+def test_checkpoints_every_two_steps_and_mu_two_resume_after_kills_between_checkpoints(forks, shared):
     extra = ["loop.steps_per_iteration=3", "loop.checkpoint_every=2", "grpo.mu=2"]
-    a, b = tmp_path_factory.mktemp("ce-straight"), tmp_path_factory.mktemp("ce-killed")
-    run(api_url, a, "r", *extra)
+    run(forks, shared, "ce-straight", *extra)
     # sampling@2: step 1 is sampled after step 0's update, which no checkpoint holds (redone on resume);
     # update@3: step 2's update, after the checkpoint of step 1
     for point in ("sampling@2", "update@3"):
-        run(api_url, b, "r", *extra, crash=point, expect=-signal.SIGKILL)
-    run(api_url, b, "r", *extra)
-    straight, resumed = outcome(a, "r"), outcome(b, "r")
+        run(forks, shared, "ce-killed", *extra, crash=point, expect=-signal.SIGKILL)
+    run(forks, shared, "ce-killed", *extra)
+    straight, resumed = outcome(shared, "ce-straight"), outcome(shared, "ce-killed")
     assert [s for p, s, _ in straight["records"] if p == ""] == list(range(6))
     assert_same_run(straight, resumed)
-    assert sorted(p.name for p in (b / "runs/r/checkpoints/policy").iterdir()) == ["iteration=0", "iteration=1"]
-    assert ds.dataset(str(b / "runs/r/rollouts"), partitioning="hive").to_table().num_rows == 6 * 2 * 4
+    assert sorted(p.name for p in (shared / "runs/ce-killed/checkpoints/policy").iterdir()) == \
+        ["iteration=0", "iteration=1"]
+    # plain hive partitioning: a generic reader sees both keys
+    table = ds.dataset(str(shared / "runs/ce-killed/rollouts"), partitioning="hive").to_table()
+    assert table.num_rows == 6 * 4 * 4 and sorted(set(table.column("step").to_pylist())) == list(range(6))
