@@ -15,9 +15,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from configs import PipelineConfig, load_config
-from flows.iterative_grpo import eval_line, iterative_grpo
-from stages.checkpoints import read_state
+from configs import PipelineConfig, UserError, load_config
+from flows.iterative_grpo import iterative_grpo
+from stages.run_layout import RunLayout
+from stages.run_state import read_state
 from tasks import tracking
 from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data
 
@@ -30,15 +31,15 @@ def resume_run(run_id: str, extra_iterations: int = 1, artifacts_root: str = "ar
     An iteration that was interrupted counts as the first of them: it is finished from its last
     saved step. The MLflow run of `run_id` is continued, not replaced.
     """
-    run_dir = Path(artifacts_root).resolve() / "runs" / run_id
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"no run {run_id!r}: {run_dir / 'config.yaml'} does not exist")
-    state = read_state(run_dir)
-    done = state["iteration"] if state else 0
+    layout = RunLayout.of(Path(artifacts_root).resolve(), run_id)
+    if not layout.config.exists():
+        raise UserError(f"run_id: no run {run_id!r} ({layout.config} does not exist)")
+    state = read_state(layout)
+    done = state.iteration if state else 0
     # The saved config holds the run's own artifacts root (absolute after resolve, or relative to the
     # directory it was started from): point it at where the run was found.
-    cfg = load_config(run_dir / "config.yaml", [f"storage.artifacts_root={Path(artifacts_root).resolve()}",
-                                                f"loop.iterations={done + extra_iterations}"])
+    cfg = load_config(layout.config, [f"storage.artifacts_root={Path(artifacts_root).resolve()}",
+                                      f"loop.iterations={done + extra_iterations}"])
     get_run_logger().info("resuming run %s: %d iteration(s) done, running to %d", run_id, done,
                           cfg.loop.iterations)
     return iterative_grpo(cfg)
@@ -54,11 +55,11 @@ def resolve_checkpoint(checkpoint: str, cfg: PipelineConfig) -> str:
     if checkpoint == "sft":
         return build_initial_policy(cfg)
     if checkpoint.startswith("run:"):
-        run_dir = cfg.artifacts() / "runs" / checkpoint[4:]
-        state = read_state(run_dir)
+        layout = RunLayout.of(cfg.artifacts(), checkpoint[4:])
+        state = read_state(layout)
         if state is None:
-            raise FileNotFoundError(f"no run state in {run_dir}")
-        return state["saved_policy"]
+            raise UserError(f"checkpoint: no run state in {layout.root}")
+        return layout.path(state.policy)
     path = Path(checkpoint)
     return str(path.resolve()) if path.exists() else checkpoint
 
@@ -71,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str = "sft", config: PipelineConfig = Pipeli
     _, test_path = prepare_data(cfg)
     ckpt = resolve_checkpoint(checkpoint, cfg)
     ev = evaluate_policy(cfg, ckpt, test_path)
-    logger.info("%s (%s): %s", checkpoint, ckpt, eval_line(ev))
+    logger.info("%s (%s): %s", checkpoint, ckpt, ev.describe())
 
     client = tracking.client_for(cfg)
     exp_id = tracking.experiment_id(client, cfg)
@@ -82,10 +83,10 @@ def evaluate_checkpoint(checkpoint: str = "sft", config: PipelineConfig = Pipeli
         tags["evaluated_pipeline_run"] = checkpoint[4:]  # not pipeline_run_id: that tag finds a run to resume
     run = client.create_run(exp_id, run_name=time.strftime("eval-%Y%m%d-%H%M%S"), tags=tags)
     client.log_param(run.info.run_id, "data.test_size", cfg.data.test_size)
-    tracking.log_metrics(cfg, run.info.run_id, ev, 0, prefix="eval/")
+    tracking.log_metrics(cfg, run.info.run_id, ev.metrics(), 0, prefix="eval/")
     tracking.finish_run(cfg, run.info.run_id)
     create_markdown_artifact(
-        f"# Evaluation of `{checkpoint}`\n\n`{ckpt}`\n\nResult: {eval_line(ev)} (answered {ev['answered']:.3f}, "
-        f"mean length {ev['mean_length']:.1f}).\n",
+        f"# Evaluation of `{checkpoint}`\n\n`{ckpt}`\n\nResult: {ev.describe()} (answered {ev.answered:.3f}, "
+        f"mean length {ev.mean_length:.1f}).\n",
         key="checkpoint-eval", description="Held-out accuracy of a checkpoint")
-    return {**ev, "checkpoint": str(ckpt), "mlflow_run_id": run.info.run_id}
+    return {**ev.metrics(), "checkpoint": str(ckpt), "mlflow_run_id": run.info.run_id}

@@ -27,7 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, UserError
-from flows.cli import config_from_args, config_parser, one_line
+from flows.cli import config_from_args, config_parser, one_line, preflight
 from problems.datasets import draw_questions, read_problems
 from stages.checkpoints import copy_checkpoint
 from stages.evaluation import Evaluation
@@ -119,6 +119,7 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     if cfg.algorithm != "grpo":
         raise UserError(f"algorithm: {cfg.algorithm!r} runs in flows/compare_methods.py (make compare); "
                         "this flow is iterative GRPO")
+    preflight(cfg)  # a deployment's run gets its config here, not from the command line
     if cfg.threads:
         import torch
 

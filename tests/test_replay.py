@@ -10,10 +10,15 @@ import torch
 
 from configs.schema import RewardModelConfig
 from models.reward_model import HEAD_FILE, META_FILE, ValueHeadRewardModel
-from stages.reward_training import (RM_DATA_SCHEMA, checkpoint_dir, prepare_rm_data, replay_count, replay_sample,
-                                    retrain_reward_model, rm_data_path, rm_eval_path, train_initial_reward_model)
+from stages.reward_training import (RM_DATA_SCHEMA, prepare_rm_data, replay_count, replay_sample, retrain_reward_model,
+                                    train_initial_reward_model)
 from stages.rollout_store import write_atomic
-from tests.test_reward_models import COMPLETIONS, rollout_rows, write_rollouts
+from stages.run_layout import RunLayout
+from tests.test_reward_models import COMPLETIONS, rollout_rows, rollout_table
+
+
+def rm_data_path(run, iteration):
+    return RunLayout(run).rm_data(iteration)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +29,7 @@ def fake_rows(n: int, iteration: int) -> pa.Table:
     return pa.Table.from_pylist([{
         "question_id": f"it{iteration}-q{i}", "sample_index": 0, "prompt_ids": [10, 11], "completion_ids": [5, 6],
         "outcome_label": float(i % 2), "step_ends": [1], "step_labels": [float(i % 2)], "step_label_method": "rule",
-        "source": f"iteration={iteration}", "policy_checkpoint": "p",
+        "source": f"iteration={iteration}", "policy_version": 0,
     } for i in range(n)], schema=RM_DATA_SCHEMA)
 
 
@@ -97,16 +102,15 @@ def test_initial_training_then_retrain_with_replay(tiny, tiny_dir, tmp_path):
     # Iteration 0 (SFT samples) and iteration 1 (RL samples): 8 questions x 4 completions each.
     for it in (0, 1):
         rows = [r for q in range(8) for r in rollout_rows(tok, COMPLETIONS, question_id=f"it{it}-q{q}")]
-        path = write_rollouts(tmp_path / f"roll{it}.parquet", rows)
-        train_path, eval_path = prepare_rm_data(path, run, it, tokenizer=tok, eval_fraction=0.25, seed=0)
-        assert train_path == rm_data_path(run, it) and eval_path == rm_eval_path(run, it)
+        train_path, eval_path = prepare_rm_data(rollout_table(rows), run, it, tokenizer=tok, eval_fraction=0.25, seed=0)
+        assert train_path == RunLayout(run).rm_data(it) and eval_path == RunLayout(run).rm_eval(it)
         n_train, n_eval = pq.read_metadata(train_path).num_rows, pq.read_metadata(eval_path).num_rows
         assert n_train + n_eval == 32 and n_eval % 4 == 0 and n_eval > 0  # held out by whole questions
         held = set(pq.read_table(eval_path).column("question_id").to_pylist())
         assert not held & set(pq.read_table(train_path).column("question_id").to_pylist())
     cfg = RewardModelConfig(epochs=1, batch_size=16, lr=1e-3, replay_ratio=0.1)
     ckpt0, m0 = train_initial_reward_model(str(tiny_dir), "outcome", run, cfg, seed=0, pad_id=tok.pad_token_id)
-    assert ckpt0 == checkpoint_dir(run, "outcome", 0) == run / "checkpoints" / "outcome_rm" / "iteration=0"
+    assert ckpt0 == RunLayout(run).reward_model("outcome", 0) == run / "checkpoints" / "outcome_rm" / "iteration=0"
     assert "eval_auc" in m0 and "eval_majority_accuracy" in m0
     n_new = pq.read_metadata(rm_data_path(run, 1)).num_rows
     ckpt1, m1 = retrain_reward_model(ckpt0, rm_data_path(run, 1), run, 1, cfg, seed=0)

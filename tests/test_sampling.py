@@ -1,4 +1,4 @@
-"""Sampling groups (hf backend, tiny model) into the rollout store."""
+"""Sampling groups (hf backend, tiny model) into rollout tables."""
 import pytest
 import torch
 
@@ -6,9 +6,10 @@ from configs.schema import SamplingConfig
 from models.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AnswerLineStop, Completion,
                                cut_after_answer_line, generate, sample_completions)
 from models.policy import completion_logprobs
+from models.policy import completion_mask
 from models.samplers import HFSampler, Sampler, make_sampler
-from stages.rollout_store import read_rollouts, rollout_path, rollout_tensors
-from stages.sampling import old_logprobs_pass, sample_groups, sampler_mismatch
+from stages.rollout_store import padded
+from stages.sampling import sample_groups
 
 QUESTIONS = [
     {"id": "q0", "question": "Mia has 7 apples. She buys 5 more. How many apples does Mia have now?",
@@ -27,37 +28,36 @@ def sampler(tiny):
     return make_sampler(CFG, "tiny", model=model, tokenizer=tok)
 
 
+def sample(sampler, seed):
+    return sample_groups(sampler, QUESTIONS, group_size=CFG.group_size, seed=seed, run_id="run1", policy_version=3)
+
+
 @pytest.fixture(scope="module")
-def step_file(tmp_path_factory, sampler):
-    out = rollout_path(tmp_path_factory.mktemp("art"), "run1", 0, 3)
-    return sample_groups("tiny", QUESTIONS, CFG, seed=11, out_path=out, run_id="run1", sampler=sampler)
+def step_table(sampler):
+    return sample(sampler, 11)
 
 
 def test_hf_sampler_is_a_sampler(sampler):
     assert isinstance(sampler, Sampler) and sampler.backend == "hf"
 
 
-def test_g_rows_per_question_with_group_and_sample_indices(step_file):
-    t = read_rollouts(step_file).to_pylist()
+def test_g_rows_per_question_with_group_and_sample_indices(step_table):
+    t = step_table.to_pylist()
     assert len(t) == len(QUESTIONS) * CFG.group_size
     for r, row in enumerate(t):
         g, s = divmod(r, CFG.group_size)
         assert (row["group_index"], row["sample_index"], row["question_id"]) == (g, s, QUESTIONS[g]["id"])
         assert row["answer"] == QUESTIONS[g]["answer"] and row["run_id"] == "run1" and row["seed"] == 11
         assert row["completion_length"] == len(row["completion_ids"]) == len(row["old_logprobs"])
-        assert row["sampler_backend"] == "hf" and row["policy_checkpoint"] == "tiny"
+        assert row["sampler_backend"] == "hf" and row["policy_version"] == 3
         assert row["correct"] is False or row["extracted_answer"] == row["answer"]
     assert len({tuple(r["completion_ids"]) for r in t}) > 1  # sampled, not greedy
 
 
-def test_same_seed_same_completions(tmp_path, sampler, step_file):
-    again = sample_groups("tiny", QUESTIONS, CFG, seed=11, out_path=tmp_path / "a.parquet", run_id="run1",
-                          sampler=sampler)
-    other = sample_groups("tiny", QUESTIONS, CFG, seed=12, out_path=tmp_path / "b.parquet", run_id="run1",
-                          sampler=sampler)
-    ids = read_rollouts(step_file).column("completion_ids").to_pylist()
-    assert read_rollouts(again).column("completion_ids").to_pylist() == ids
-    assert read_rollouts(other).column("completion_ids").to_pylist() != ids
+def test_same_seed_same_completions(sampler, step_table):
+    ids = step_table.column("completion_ids").to_pylist()
+    assert sample(sampler, 11).column("completion_ids").to_pylist() == ids
+    assert sample(sampler, 12).column("completion_ids").to_pylist() != ids
 
 
 def test_sampling_leaves_the_global_rng_alone(tiny, sampler):
@@ -68,20 +68,14 @@ def test_sampling_leaves_the_global_rng_alone(tiny, sampler):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_sampler_logprobs_match_teacher_forced_pass(tiny, step_file):
+def test_sampler_logprobs_match_teacher_forced_pass(tiny, step_table):
     model, tok = tiny
-    batch = rollout_tensors(read_rollouts(step_file))
-    fresh, mask, _ = completion_logprobs(model, batch.prompt_ids, batch.completion_ids, pad_id=tok.pad_token_id)
-    assert torch.equal(mask, batch.mask)
-    assert torch.allclose(batch.old_logprobs, fresh, atol=1e-4), (batch.old_logprobs - fresh).abs().max()
-    # the mu > 1 pi_old pass is that teacher-forced computation, from the table, in micro-batches
-    model.train()
-    old = old_logprobs_pass(model, read_rollouts(step_file), pad_id=tok.pad_token_id, micro_batch_size=5)
-    assert model.training  # mode restored
-    model.eval()
-    assert not old.requires_grad and torch.allclose(old, fresh, atol=1e-5)
-    stats = sampler_mismatch(batch, old)
-    assert stats["sampler_logp_abs_diff_max"] < 1e-4
+    prompt_ids = step_table.column("prompt_ids").to_pylist()
+    completion_ids = step_table.column("completion_ids").to_pylist()
+    stored = padded(step_table, "old_logprobs")
+    fresh, mask, _ = completion_logprobs(model, prompt_ids, completion_ids, pad_id=tok.pad_token_id)
+    assert torch.equal(mask, completion_mask(torch.tensor([len(c) for c in completion_ids]), stored.shape[1]))
+    assert torch.allclose(stored, fresh, atol=1e-4), (stored - fresh).abs().max()
 
 
 def test_truncation_flags_on_short_max_new_tokens(tiny):
@@ -128,18 +122,6 @@ def test_answer_line_stop(tiny):
     stop = AnswerLineStop(tok, "####", len(prompt), rows=1)
     done = [bool(stop(torch.tensor([prompt + ids[:k]]), None)[0]) for k in range(1, len(ids) + 1)]
     assert done.index(True) + 1 == len(cut.token_ids) and stop.stop_len[0] == len(cut.token_ids)
-
-
-def test_resumed_step_is_reused_not_resampled(step_file):
-    class Exploding:
-        backend, tokenizer = "hf", None
-
-        def sample(self, *a, **k):
-            raise AssertionError("a complete step must not be resampled")
-
-    before = (step_file.stat().st_mtime_ns, step_file.read_bytes())
-    again = sample_groups("tiny", QUESTIONS, CFG, seed=99, out_path=step_file, run_id="run1", sampler=Exploding())
-    assert again == step_file and (step_file.stat().st_mtime_ns, step_file.read_bytes()) == before
 
 
 def test_greedy_generate_still_works(tiny):

@@ -1,32 +1,39 @@
-"""MLflow tracking of a run: step metrics survive a kill between recording and sending."""
+"""MLflow tracking of a run: committed metrics reach MLflow once, whatever a kill interrupted."""
 
 
-def test_resume_logging_resends_recorded_steps_mlflow_lacks(tmp_path):
-    """A killed process may die with step metrics recorded locally but still queued for MLflow: the
-    resumed run sends exactly the recorded steps MLflow lacks, each once, and nothing past the last
-    completed step (those steps are redone and logged then)."""
+def test_committed_records_mlflow_lacks_are_sent_once_and_uncommitted_ones_never(tmp_path):
+    """A killed process may die with records committed but still queued for MLflow, and with ledger
+    lines past the last commit (work it never finished). The resumed run cuts the latter and sends
+    exactly the committed records MLflow lacks, each once."""
     from configs import PipelineConfig
-    from stages.checkpoints import append_step_metrics, read_step_metrics
+    from stages.evaluation import Evaluation
+    from stages.run_layout import RunLayout
+    from stages.run_state import MetricRecord, RunState, commit, committed_records, cut_uncommitted, read_state
     from tasks import tracking
 
-    cfg = PipelineConfig(storage={"artifacts_root": str(tmp_path)})
+    cfg = PipelineConfig(storage={"artifacts_root": str(tmp_path)}, run_id="r1")
     run = tracking.open_run(cfg, "r1")
-    run_dir = tmp_path / "runs" / "r1"
-    run_dir.mkdir(parents=True)
-    for step in range(5):
-        append_step_metrics(run_dir, step, {"step_seconds": 1.0 + step, "loss": 0.1 * step})
-    append_step_metrics(run_dir, 3, {"step_seconds": 9.0, "loss": 0.9})  # step 3 redone after a crash
-    with open(run_dir / "step_metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "metr')  # the line a kill cut short
-    for step in range(2):  # what had reached MLflow before the kill
-        tracking.log_metrics(cfg, run, {"step_seconds": 1.0 + step}, step)
+    layout = RunLayout.of(tmp_path, "r1")
+    state = RunState(run_id="r1", policy="p", initial_eval=Evaluation(accuracy=0.5, answered=1.0, mean_length=3.0, n=4))
+    records = [MetricRecord(step=s, metrics={"step_seconds": 1.0 + s, "loss": 0.1 * s}) for s in range(4)]
+    records.append(MetricRecord(step=2, prefix="eval/", metrics={"accuracy": 0.25, "auc": float("nan")}))
+    state = commit(layout, state, records[:2], step=1)
+    state = commit(layout, state, records[2:], step=3)
+    with open(layout.metrics, "a") as f:  # a step the killed process recorded but never committed
+        f.write(MetricRecord(step=4, metrics={"step_seconds": 9.0}).model_dump_json() + "\n")
+    tracking.log_records(cfg, run, records[:2], synchronous=True)  # what had reached MLflow before the kill
 
-    assert list(read_step_metrics(run_dir)) == [0, 1, 2, 3, 4]
-    assert tracking.resume_logging(cfg, run, run_dir, done_step=3) == 3
-    hist = tracking.client_for(cfg).get_metric_history(run, "step_seconds")
-    assert sorted((m.step, m.value) for m in hist) == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 9.0)]
-    assert tracking.resume_logging(cfg, run, run_dir, done_step=3) == 3  # idempotent
-    assert len(tracking.client_for(cfg).get_metric_history(run, "loss")) == 2  # steps 2 and 3
+    state = read_state(layout)
+    cut_uncommitted(layout, state)
+    assert [r.step for r in committed_records(layout, state)] == [0, 1, 2, 3, 2]
+    assert committed_records(layout, state)[-1].metrics == {"accuracy": 0.25}  # NaN left out, as MLflow would
+    assert tracking.send_missing(cfg, run, committed_records(layout, state)) == 3
+    client = tracking.client_for(cfg)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run, "step_seconds")) == \
+        [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)]
+    assert [m.step for m in client.get_metric_history(run, "eval/accuracy")] == [2]
+    assert tracking.send_missing(cfg, run, committed_records(layout, state)) == 0  # idempotent
+    assert len(client.get_metric_history(run, "loss")) == 4
 
 
 def test_importing_the_flows_turns_usage_telemetry_off_unless_the_environment_says_otherwise():
