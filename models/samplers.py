@@ -19,7 +19,7 @@ the token under the policy that sampled it, the quantity in GRPO's ratio, and th
 with its default `logprobs_mode="raw_logprobs"`. Not the processed (temperature-scaled, top-p
 truncated) distribution the token was actually drawn from: that would make the ratio mix two
 different distributions. It is stored for audit and to measure the sampler/trainer mismatch; what
-the update uses as pi_old is decided by the trainer (see `stages.sampling.old_logprobs_pass`).
+the update uses as pi_old is decided by the trainer (see `models.trainer.frozen_logprobs`).
 """
 from __future__ import annotations
 
