@@ -19,6 +19,7 @@ barriers make it much slower when other processes hold the CPUs.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -85,11 +86,10 @@ def median_ms(fn, logp):
     return 1e3 * statistics.median(times)
 
 
-
-
-
-
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not touch BENCHMARKS.md")
+    args = ap.parse_args()
     logp, old_logp, ref_logp, advantages, mask, lengths = make_batch()
 
     def vectorised(lp):
@@ -122,7 +122,8 @@ def main():
         f"- `grpo_loss` at torch's default {default_threads} threads: {t_vec_default:.2f} ms\n"
     )
     print(text)
-    write_section(text)
+    if not args.no_write:
+        write_section(text)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ Writes/replaces the "## Reward models: quality and replay" section of BENCHMARKS
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -47,21 +49,36 @@ from models.sft import train_sft  # noqa: E402
 from problems.datasets import format_prompt, read_problems  # noqa: E402
 from problems.verify import extract_answer, is_correct  # noqa: E402
 from stages.prepare import encode_examples, initial_policy, prepare_data  # noqa: E402
-from stages.reward_training import (checkpoint_dir, prepare_rm_data, read_rows, retrain_reward_model,  # noqa: E402
-                                    rm_data_path, rm_eval_path, to_examples)
-from stages.rollout_store import ROLLOUT_SCHEMA, rollout_path, write_atomic  # noqa: E402
+from stages.reward_training import prepare_rm_data, read_rows, retrain_reward_model, to_examples  # noqa: E402
+from stages.rollout_store import ROLLOUT_SCHEMA, write_atomic  # noqa: E402
+from stages.run_layout import RunLayout  # noqa: E402
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 SECTION = "## Reward models: quality and replay"
-COMMAND = ".venv/bin/python bench/reward_models.py"
-QUICK = os.environ.get("RM_BENCH_QUICK") == "1"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", default=os.environ.get("RM_BENCH_QUICK") == "1",
+                    help="150 + 100 questions instead of 600 + 300 (also RM_BENCH_QUICK=1)")
+    ap.add_argument("--sft-steps", type=int, default=600, help="SFT steps of the policy that samples iteration 0")
+    ap.add_argument("--shift-steps", type=int, default=300, help="further SFT steps of the shifted policy")
+    ap.add_argument("--artifacts", default="artifacts",
+                    help="artifacts root: the SFT cache (sft/) and this bench's folder (bench_rm/)")
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not touch BENCHMARKS.md")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+COMMAND = ".venv/bin/python bench/reward_models.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+QUICK = ARGS.quick
 N0, N1, G = (150, 100, 4) if QUICK else (600, 300, 4)
-SFT_STEPS, SHIFT_STEPS, SHIFT_LR = 600, 300, 1e-3
+SFT_STEPS, SHIFT_STEPS, SHIFT_LR = ARGS.sft_steps, ARGS.shift_steps, 1e-3
 RM_CFG = RewardModelConfig(lr=1e-3, epochs=3, batch_size=64)
 CURVE_POINTS = 4
-BENCH = ROOT / "artifacts" / "bench_rm"
+BENCH = Path(ARGS.artifacts) / "bench_rm"
 
 
 def log(*a):
@@ -83,8 +100,10 @@ def shifted_policy(sft_path: Path, cfg) -> Path:
     return out
 
 
-def sample_rollouts(policy_path: Path, problems: list[dict], out: Path, seed: int) -> tuple[Path, float]:
-    """G samples per problem at T=1.0, written in ROLLOUT_SCHEMA; returns (path, accuracy)."""
+def sample_rollouts(policy_path: Path, problems: list[dict], out: Path, seed: int,
+                    policy_version: int) -> tuple[pa.Table, float]:
+    """G samples per problem at T=1.0 in ROLLOUT_SCHEMA, also written to `out`; returns (table, accuracy).
+    `policy_version`: 0 for the SFT policy, 1 for the shifted stand-in of one RL iteration."""
     model, tok = load_policy(str(policy_path))
     model.eval()
     prompts = [format_prompt(p["question"]) for p in problems]
@@ -101,11 +120,12 @@ def sample_rollouts(policy_path: Path, problems: list[dict], out: Path, seed: in
             "completion_length": len(o.token_ids), "truncated": not o.finished,
             "finish_reason": "eos" if o.finished else "length", "answer": p["answer"], "solution": p["solution"],
             "extracted_answer": extract_answer(text), "correct": is_correct(text, p["answer"]),
-            "policy_checkpoint": str(policy_path), "sampler_backend": "hf", "seed": seed,
+            "policy_version": policy_version, "sampler_backend": "hf", "seed": seed,
             "sampled_at": datetime.now(timezone.utc),
         })
-    write_atomic(pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA), out)
-    return out, sum(r["correct"] for r in rows) / len(rows)
+    table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+    write_atomic(table, out)
+    return table, sum(r["correct"] for r in rows) / len(rows)
 
 
 def train_with_curve(rm, train_ex, eval_ex, cfg, seed, *, freeze=False):
@@ -142,25 +162,26 @@ def fmt(x, nd=3):
 def main():
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    cfg = build_config(overrides=[f"sft.steps={SFT_STEPS}", "threads=1"])
+    cfg = build_config(overrides=[f"sft.steps={SFT_STEPS}", "threads=1", f"storage.artifacts_root={ARGS.artifacts}"])
     log("SFT policy (cached after the first run)")
     sft = Path(initial_policy(cfg))
     shifted = shifted_policy(sft, cfg)
     train_path, _ = prepare_data(cfg)
     problems = read_problems(train_path)
     run = BENCH / ("run-quick" if QUICK else "run")
+    layout = RunLayout(run)
     shutil.rmtree(run, ignore_errors=True)
     _, tok = load_policy(str(sft))
 
     log("sampling iteration 0 (SFT policy) and iteration 1 (shifted policy)")
     t0 = time.perf_counter()
-    r0, acc0 = sample_rollouts(sft, problems[-N0:], rollout_path(BENCH, run.name, 0, 0), seed=0)
-    r1, acc1 = sample_rollouts(shifted, problems[-N0 - N1:-N0], rollout_path(BENCH, run.name, 1, 0), seed=1)
+    r0, acc0 = sample_rollouts(sft, problems[-N0:], layout.rollouts(0, 0), seed=0, policy_version=0)
+    r1, acc1 = sample_rollouts(shifted, problems[-N0 - N1:-N0], layout.rollouts(1, 0), seed=1, policy_version=1)
     t_sample = time.perf_counter() - t0
     prepare_rm_data(r0, run, 0, tokenizer=tok, eval_fraction=0.2, seed=0)
     prepare_rm_data(r1, run, 1, tokenizer=tok, eval_fraction=0.2, seed=0)
-    rows0, eval0 = read_rows(rm_data_path(run, 0)), read_rows(rm_eval_path(run, 0))
-    eval1 = read_rows(rm_eval_path(run, 1))
+    rows0, eval0 = read_rows(layout.rm_data(0)), read_rows(layout.rm_eval(0))
+    eval1 = read_rows(layout.rm_eval(1))
     log(f"sampled in {t_sample:.0f}s; accuracy {acc0:.3f} / {acc1:.3f}; rows {rows0.num_rows} train, "
         f"{eval0.num_rows} eval")
 
@@ -184,7 +205,7 @@ def main():
                 f"(majority {fmt(m['majority_accuracy'])}) in {secs:.0f}s; "
                 f"curve {[(s, round(a, 3)) for s, a in curve]}")
             if name == variants[0][0]:
-                main_rm[kind] = rm.save_pretrained(checkpoint_dir(run, kind, 0))
+                main_rm[kind] = rm.save_pretrained(layout.reward_model(kind, 0))
 
     log("retraining on iteration 1 with and without replay")
     retrain = {}
@@ -196,7 +217,7 @@ def main():
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(run / "rm_data", target / "rm_data")
             shutil.copytree(run / "rm_eval", target / "rm_eval")
-            _, m = retrain_reward_model(main_rm[kind], rm_data_path(target, 1), target, 1, RM_CFG, seed=0,
+            _, m = retrain_reward_model(main_rm[kind], RunLayout(target).rm_data(1), target, 1, RM_CFG, seed=0,
                                         replay_ratio=ratio)
             retrain[(kind, label)] = (before, before1, m)
             log(f"{kind} retrain {label}: old-split auc {fmt(before['auc'])} -> {fmt(m['eval_it0_auc'])}; "
@@ -257,7 +278,10 @@ def main():
               f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}",
               f"- wall time {total:.0f}s (sampling {t_sample:.0f}s), SFT and the shifted policy cached beforehand",
               ""]
-    write_section("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not ARGS.no_write:
+        write_section(text)
     log(f"done in {total:.0f}s")
 
 

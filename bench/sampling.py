@@ -14,6 +14,7 @@ Writes/replaces the "## Sampling: hf backend vs naive loop" section of BENCHMARK
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -45,10 +46,6 @@ QUESTIONS, G, MAX_NEW, BATCH = 8, 8, 64, 64
 REPEATS_FAST, REPEATS_SLOW = 3, 2
 
 
-
-
-
-
 def timed(fn, repeats):
     """(median seconds, tokens of the last run)."""
     times, tokens = [], 0
@@ -61,6 +58,9 @@ def timed(fn, repeats):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not touch BENCHMARKS.md")
+    args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     save_tiny(tmp, VOCAB_WORDS, seed=0)
     model, tok = load_policy(tmp)
@@ -112,7 +112,8 @@ def main():
         f"correctness, not speed. Rerun with a GPU to fill this in.\n"
     )
     print(text)
-    write_section(text)
+    if not args.no_write:
+        write_section(text)
 
 
 if __name__ == "__main__":

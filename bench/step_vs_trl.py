@@ -13,9 +13,12 @@ eager attention, the demo's setting; TRL: `--bf16`, GRPOConfig's bf16 autocast):
   8 prompts x G=8, max 32 new tokens, beta 0.04, loss_type grpo, no gradient checkpointing).
 - ours: the SAME model (same Qwen2Config, same seed, same character tokenizer, the peer's code copied
   here), the same additions as prompts (ours "Question: a+b\nAnswer:\n" via format_prompt, <= 24 tokens;
-  TRL "What is a+b? Answer:", <= 22), through this pipeline's stage functions, one step =
-    sample_groups (HFSampler: generate with per-token sampler log-probs, Parquet rollout file)
-    -> score_rollouts (the rule verifier) -> compute_advantages -> read_update_batch
+  TRL "What is a+b? Answer:", <= 22), through this pipeline's stage functions on in-memory tables,
+  one step =
+    stages.sampling.sample_groups (HFSampler: generate with per-token sampler log-probs -> rollout table)
+    -> stages.rewards.score_rollouts (the rule verifier) -> stages.advantages.compute_advantages
+    -> the step's one Parquet write (write_atomic, as the flow's RunJournal.save_rollouts)
+    -> stages.advantages.update_batch
     -> grpo_update (reference forward, policy forward+backward, clip, AdamW; mu=1, beta 0.04,
        sequence aggregation = TRL's loss_type "grpo", lr 1e-6, weight decay 0).
   No checkpoint is written (TRL's side saves nothing either; the flow's per-step save is in part 2).
@@ -27,26 +30,32 @@ eager attention, the demo's setting; TRL: `--bf16`, GRPOConfig's bf16 autocast):
   (padding masked); mean completion lengths are reported.
 
 Part 2, orchestration overhead, at the demo's shapes (configs/demo.yaml: tiny Llama, 8 questions x G=8,
-48 new tokens, beta 0.04, bf16 autocast, a checkpoint saved every step; rewards from the verifier alone,
-since no RM is trained here) on a throwaway artifacts root (tmp dir, SQLite
-MLflow, PREFECT_HOME in the tmp dir):
-- flow: the real `flows.iterative_grpo.grpo_iteration` Prefect flow (its tasks sample_groups,
-  score_rollouts, compute_advantages, grpo_update; rollout_metrics + tracking.log_metrics to MLflow; state
-  file) for M = steps + 1 steps. Per-step time = the gap between consecutive steps' MLflow metric
-  timestamps (one full loop iteration; the first step, which loads the model, is the +1 left out).
-  The Prefect server start is excluded (a trivial flow runs first); the iteration's final evaluation and
-  report are after the last step and not timed.
+48 new tokens, beta 0.04, its `model.autocast: auto` (bf16 only where the CPU multiplies it natively)
+and eager attention, a checkpoint saved every step; rewards from the verifier alone, since no RM is
+trained here; `--flow-set key=value` overrides) on a throwaway artifacts root (tmp dir, SQLite MLflow,
+PREFECT_HOME in the tmp dir):
+- flow: the real `flows.iterative_grpo.grpo_iteration` Prefect flow for M = steps + 1 steps: its tasks
+  sample_groups, score_rollouts, compute_advantages, grpo_update (tables passed in memory, no result
+  caching), the step's one Parquet write (RunJournal.save_rollouts), then RunJournal.end_step:
+  rollout_metrics, a commit (metrics ledger + state.json), the metrics queued for MLflow, checkpoint
+  pruning, the log line. Per-step time = the gap between consecutive returns of end_step (one full loop
+  iteration; the first step, which loads the model, is the +1 left out). The Prefect server start is
+  excluded (a trivial flow runs first); the iteration's final evaluation is after the last step and not
+  timed.
 - plain: the same task bodies (`task.fn`: same workspace cache, same stage functions, same checkpoint
-  saves), same questions and seeds, called in a plain loop (step 0 left out the same way).
-  Both start from the same untrained tiny checkpoint (models.tiny.save_tiny; no SFT needed for timing)
-  and are deterministic at 1 thread, so they do identical work (checked: same rewards and lengths).
-Overhead, two ways: directly, inside the flow, as each step's wall time minus its four task bodies'
-time (wrapped `task.fn`), which noise in the work itself does not blur; and as the A/B (flow - plain) /
-plain per step, which on a shared machine moves by more than the overhead between runs. MLflow logging
-and rollout_metrics are timed by wrappers; a no-op task with the step tasks' options gives the price
-of one task run.
+  saves) and the same one Parquet write, same questions and seeds, in a plain loop (step 0 left out the
+  same way). Both start from the same untrained tiny checkpoint (models.tiny.save_tiny; no SFT needed
+  for timing) and are deterministic at 1 thread, so they do identical work (checked: same rewards and
+  lengths).
+Overhead, two ways: directly, inside the flow, as each step's wall time minus its work (the four task
+bodies, wrapped `task.fn`, and the Parquet write), which noise in the work itself does not blur; and as
+the A/B flow / plain per step, which on a shared machine moves by more than the overhead between runs.
+The commit, MLflow queueing, rollout_metrics and pruning are timed by wrappers; a no-op task with the
+step tasks' options and arguments gives the price of one task run. Rounds alternate plain and flow
+(default 3), each with the load average before and after, so the spread between rounds is reported.
 
-Writes/replaces the "## GRPO step: this pipeline vs TRL GRPOTrainer" section of BENCHMARKS.md.
+Writes the "## GRPO step: this pipeline vs TRL GRPOTrainer" section of BENCHMARKS.md: only the parts that
+ran (`--skip-race`: the orchestration part alone; `--skip-flow`: the race alone), the other kept.
 """
 from __future__ import annotations
 
@@ -86,8 +95,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
-    p.add_argument("--flow-steps", type=int, default=10, help="orchestration: timed steps per round")
-    p.add_argument("--flow-rounds", type=int, default=2, help="orchestration: rounds, each plain then flow")
+    p.add_argument("--flow-steps", type=int, default=12, help="orchestration: timed steps per round")
+    p.add_argument("--flow-rounds", type=int, default=3, help="orchestration: rounds, each plain then flow")
+    p.add_argument("--flow-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="orchestration: config overrides on top of configs/demo.yaml (e.g. model.autocast=none)")
     p.add_argument("--skip-race", action="store_true")
     p.add_argument("--skip-flow", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
@@ -103,6 +114,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PREFECT_HOME"] = str(TMP / "prefect")  # throwaway Prefect DB + result storage
 
+import tasks  # noqa: E402,F401  (before prefect: telemetry off, 120 s for the temporary server to start)
+
 import torch  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
@@ -113,6 +126,7 @@ from configs import load_config  # noqa: E402
 from models import trainer as trainer_mod  # noqa: E402
 from models.samplers import HFSampler  # noqa: E402
 from stages import advantages as adv_stage, rewards as reward_stage, sampling as sample_stage  # noqa: E402
+from stages.rollout_store import write_atomic  # noqa: E402
 
 
 def med(xs):
@@ -270,18 +284,19 @@ class OurSide:
         cfg, args, i = self.cfg, self.args, self.step_no
         self.step_no += 1
         qs = [self.questions[(i * args.prompts_per_step + k) % len(self.questions)] for k in range(args.prompts_per_step)]
-        out = TMP / "race" / self.precision / f"step={i}.parquet"  # per side: a step file is never redone
+        out = TMP / "race" / self.precision / f"iteration=0/step={i}/part-0.parquet"  # per side, written once
         self.timer.cur = defaultdict(float)
         c0, t0 = time.process_time(), time.perf_counter()
         with cfg.model.compute():
-            path = sample_stage.sample_groups("race-qwen2", qs, cfg.sampling, seed=i, out_path=out, run_id="race",
-                                              sampler=self.sampler)
+            table = sample_stage.sample_groups(self.sampler, qs, group_size=args.G, seed=i, run_id="race",
+                                               policy_version=i)
         t1 = time.perf_counter()
-        path = reward_stage.score_rollouts(path, cfg.reward, tokenizer=self.tok)
+        table = reward_stage.score_rollouts(table, cfg.reward, tokenizer=self.tok)
         t2 = time.perf_counter()
-        path = adv_stage.compute_advantages(path, supervision="outcome", group_size=args.G, eps=cfg.grpo.adv_eps,
-                                            scale=cfg.grpo.adv_scale)
-        batch = adv_stage.read_update_batch(path)
+        table = adv_stage.compute_advantages(table, supervision="outcome", group_size=args.G, eps=cfg.grpo.adv_eps,
+                                             scale=cfg.grpo.adv_scale)
+        write_atomic(table, out)  # the step's one write, as the flow's RunJournal.save_rollouts does
+        batch = adv_stage.update_batch(table)
         t3 = time.perf_counter()
         g = cfg.grpo
         with cfg.model.compute():
@@ -293,7 +308,7 @@ class OurSide:
         ph = dict(self.timer.cur)
         rec = {
             "wall": t4 - t0, "cpu": time.process_time() - c0, "load1": os.getloadavg()[0],
-            "sample": t1 - t0, "generate": ph.get("generate", 0.0), "score": t2 - t1, "adv_read": t3 - t2,
+            "sample": t1 - t0, "generate": ph.get("generate", 0.0), "score": t2 - t1, "adv_write": t3 - t2,
             "update": t4 - t3, "ref_fwd": ph.get("ref_fwd", 0.0), "policy_fwd": ph.get("policy_fwd", 0.0),
             "adamw": ph.get("adamw", 0.0),
             "mean_len": sum(len(c) for c in batch.completion_ids) / len(batch.completion_ids),
@@ -357,166 +372,234 @@ def race(args):
 
 # ------------------------------------------------------------------------------------------------
 # Part 2: orchestration overhead at the demo's shapes.
+
+# The code before the redesign of 2026-11-28 (one Prefect-cached, JSON-persisted task per stage, each
+# rewriting the step's Parquet file), measured by its own version of this bench on the machine of the
+# current figures, with the same settings (fp32), minutes before them. Re-measure on another machine:
+#   git archive 5869dfb | tar -x -C /tmp/old; set `autocast: none` in /tmp/old/configs/demo.yaml;
+#   cd /tmp/old && /work/main/.venv/bin/python bench/step_vs_trl.py --skip-race --flow-steps 12 --flow-rounds 3 --no-write
+PREVIOUS_CODE = (
+    "- the same measurement of the code before the redesign (commit 5869dfb and its own version of this bench, "
+    "`model.autocast: none`, 3 rounds x 12 steps, on this machine on 2026-11-28, load average 1.9-2.6): **144 ms "
+    "per step = 6.6% of its 2.188 s plain step** (rounds 127, 149, 151 ms), A/B +9.8%, Prefect server 4.5 CPU s per "
+    "flow run, a no-op task run (its options: cache key, JSON-persisted result) 14.3 ms of CPU. The figure "
+    "published before, 40 ms = 4.2% of a 0.961 s step, came from another machine (bf16 autocast on a CPU with "
+    "avx512_bf16, where that no-op task run cost 4.6 ms of CPU): the milliseconds depend on the machine and its "
+    "load, the share on the step's length too")
 def orchestration(args):
+    """Plain loop vs the real `grpo_iteration` flow, `args.flow_rounds` rounds of each (plain first)."""
     from prefect import flow
 
     import flows.iterative_grpo as fl
+    import tasks.journal as journal_mod
     import tasks.tracking as tracking
+    from models.loading import native_bf16
     from models.tiny import save_tiny
     from problems.arithmetic import VOCAB_WORDS
     from stages.checkpoints import copy_checkpoint
+    from stages.evaluation import Evaluation
     from stages.prepare import prepare_data
-    from stages.rollout_store import read_rollouts, rollout_path
+    from stages.rollout_store import read_rollouts, write_atomic
+    from stages.run_layout import RunLayout
+    from stages.run_state import RunState, commit
     from tasks import step as step_tasks
+    from tasks.journal import RunJournal
     from tasks.workspace import WORKSPACE
 
     root = TMP / "orch"
     M = args.flow_steps + 1
-    cfg = load_config(ROOT / "configs" / "demo.yaml",
-                      [f"storage.artifacts_root={root}", f"threads={args.threads}", f"loop.steps_per_iteration={M}",
-                       "loop.iterations=1", f"loop.eval_every={10 * M}", "data.test_size=32",
-                       "reward.sources=[{name: verifier}]"])  # no RM to train first; a shorter step, a larger share
-    train_path, test_path = (str(p) for p in prepare_data(cfg))
+    base = load_config(ROOT / "configs" / "demo.yaml",
+                       [f"storage.artifacts_root={root}", f"threads={args.threads}", f"loop.steps_per_iteration={M}",
+                        "loop.iterations=1", f"loop.eval_every={10 * M}", "data.test_size=32", "loop.eval_samples=0",
+                        "reward.sources=[{name: verifier}]", *args.flow_set])  # no RM: a shorter step, a larger share
+    train_path, test_path = (str(p) for p in prepare_data(base))
     init = save_tiny(root / "init_policy", VOCAB_WORDS)
+    autocast = base.model.autocast
+    resolved = ("bfloat16" if native_bf16(base.model.device) else "none") if autocast == "auto" else autocast
 
     @flow(name="bench-warmup")
     def warmup():
         return 1
 
     t = time.perf_counter()
-    warmup()
+    warmup()  # starts the temporary Prefect server: one-time, left out of every figure
     server_start = time.perf_counter() - t
 
-    # timing wrappers on what the flow does beyond the task calls (patched where the flow looks them up)
+    # Timing wrappers, patched where the flow and its journal look the functions up. Work (the same in
+    # the plain loop): the four task bodies and the step's one Parquet write. Everything else a flow
+    # step does is orchestration: Prefect task runs, rollout_metrics, the commit (ledger + state.json),
+    # queueing the metrics for MLflow, the checkpoint pruning, the log line, the resume checks.
     extra = defaultdict(list)
-    orig_log, orig_rm = tracking.log_metrics, fl.rollout_metrics
 
-    def log_metrics(*a, **k):
-        extra["cpu_at_log"].append(time.process_time())
-        t0 = time.perf_counter()
-        orig_log(*a, **k)
-        extra["log_metrics"].append(time.perf_counter() - t0)
-
-    def rollout_metrics(*a, **k):
-        t0 = time.perf_counter()
-        out = orig_rm(*a, **k)
-        extra["rollout_metrics"].append(time.perf_counter() - t0)
-        return out
-
-    tracking.log_metrics, fl.rollout_metrics = log_metrics, rollout_metrics
-
-    # The task bodies' own time, so the flow's steps can be split into work and orchestration directly
-    # (step wall time - its four bodies), which machine noise in the work itself does not blur.
-    stage_tasks = [step_tasks.sample_groups, step_tasks.score_rollouts, step_tasks.compute_advantages,
-                   step_tasks.grpo_update]
-    orig_fns = [t.fn for t in stage_tasks]
-
-    def timed_body(fn):
-        def body(*a, **k):
+    def timed(key, fn):
+        def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                extra["body"].append(time.perf_counter() - t0)
-        return body
+                extra[key].append(time.perf_counter() - t0)
+        return wrapper
+
+    def end_step(self, *a, **k):
+        orig_end_step(self, *a, **k)
+        extra["step_end"].append((time.perf_counter(), time.process_time()))
+
+    originals = [(journal_mod, "rollout_metrics"), (journal_mod, "commit"), (tracking, "log_records"),
+                 (RunLayout, "prune_step_checkpoints"), (RunJournal, "save_rollouts"), (RunJournal, "end_step")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in originals]
+    orig_end_step = RunJournal.end_step
+    stage_tasks = [step_tasks.sample_groups, step_tasks.score_rollouts, step_tasks.compute_advantages,
+                   step_tasks.grpo_update]
+    assert all(getattr(fl, t.name) is t for t in stage_tasks), "the flow calls the step tasks by these names"
+    orig_fns = [t.fn for t in stage_tasks]
+
+    def new_run(run_id):
+        cfg = base.model_copy(update={"run_id": run_id})
+        layout = RunLayout.of(cfg.artifacts(), run_id)
+        ref = copy_checkpoint(str(init), layout.reference(0), with_optimizer=False)  # as start_run does
+        return cfg, layout, ref
+
+    def saves(cfg, s):  # RunJournal.checkpoint's rule
+        return (s + 1) % cfg.loop.checkpoint_every == 0 or (s + 1) % cfg.loop.steps_per_iteration == 0
+
+    def outcome(table):
+        return sum(table.column("reward").to_pylist()), sum(table.column("completion_length").to_pylist())
 
     def plain_round(run_id):
-        run_dir = cfg.artifacts() / "runs" / run_id
-        ckpt_dir = run_dir / "checkpoints"
-        ref = str(copy_checkpoint(str(init), ckpt_dir / "reference" / "iteration=0"))
-        policy, times, outcomes, cpus = str(init), [], [], []
+        cfg, layout, ref = new_run(run_id)
+        policy = reference = str(ref)
+        times, outcomes, cpus, writes = [], [], [], []
         for s in range(M):
             t0, c0 = time.perf_counter(), time.process_time()
             questions = fl.pick_questions(train_path, cfg, s)
-            out = rollout_path(cfg.artifacts(), run_id, 0, s)
-            path = step_tasks.sample_groups.fn(cfg, run_id, 0, s, policy, questions, str(out))
-            path = step_tasks.score_rollouts.fn(cfg, run_id, 0, s, path, {})
-            path = step_tasks.compute_advantages.fn(cfg, run_id, 0, s, path)
-            save = (s + 1) % cfg.loop.checkpoint_every == 0 or s == M - 1
-            policy, _ = step_tasks.grpo_update.fn(cfg, policy, ref, path, str(ckpt_dir / "policy" / f"step={s}"), save)
+            table = step_tasks.sample_groups.fn(cfg, policy, questions, s)
+            table = step_tasks.score_rollouts.fn(cfg, table, policy, {})
+            table = step_tasks.compute_advantages.fn(cfg, table)
+            tw = time.perf_counter()
+            write_atomic(table, layout.rollouts(0, s))
+            writes.append(time.perf_counter() - tw)
+            policy, _ = step_tasks.grpo_update.fn(cfg, policy, reference, table, str(layout.policy_step(s)),
+                                                  saves(cfg, s))
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-            t = read_rollouts(path)
-            outcomes.append((sum(t.column("reward").to_pylist()), sum(t.column("completion_length").to_pylist())))
-        return times[1:], outcomes, cpus[1:]
+            outcomes.append(outcome(table))
+        return times[1:], outcomes, cpus[1:], writes[1:]
 
     def flow_round(run_id):
+        cfg, layout, ref = new_run(run_id)
         mlflow_run_id = tracking.open_run(cfg, run_id)
-        state = {"run_id": run_id, "iteration": 0, "step": -1, "policy": str(init), "saved_policy": str(init),
-                 "initial_accuracy": 0.0, "reward_models": {}}
-        n0 = {k: len(v) for k, v in extra.items()}
-        t, srv0 = time.perf_counter(), children_cpu_s()
+        state = commit(layout, RunState(run_id=run_id, policy=layout.ref(ref), reference=layout.ref(ref),
+                                        reference_iteration=0,
+                                        initial_eval=Evaluation(accuracy=0.0, answered=0.0, mean_length=0.0, n=0)))
+        extra.clear()
+        for obj, name, fn in saved:
+            setattr(obj, name, end_step if name == "end_step" else timed(name, fn))
         for task_, fn in zip(stage_tasks, orig_fns):
-            task_.fn = timed_body(fn)
+            task_.fn = timed("body", fn)
+            setattr(fl, task_.name, timed("task_call", task_))  # the flow's call: the task run, body included
+        t, srv0 = time.perf_counter(), children_cpu_s()
         try:
-            fl.grpo_iteration(cfg, run_id, 0, state, train_path, test_path, mlflow_run_id)
+            fl.grpo_iteration(cfg, state, 0, train_path, test_path, mlflow_run_id)
         finally:
+            for obj, name, fn in saved:
+                setattr(obj, name, fn)
             for task_, fn in zip(stage_tasks, orig_fns):
                 task_.fn = fn
+                setattr(fl, task_.name, task_)
         total, srv = time.perf_counter() - t, children_cpu_s() - srv0
-        client = tracking.client_for(cfg)
-        hist = sorted(client.get_metric_history(mlflow_run_id, "step_seconds"), key=lambda m: m.step)
-        ts = [m.timestamp / 1000 for m in hist]
-        times = [b - a for a, b in zip(ts, ts[1:])]
-        outcomes = []
-        for s in range(M):
-            tb = read_rollouts(rollout_path(cfg.artifacts(), run_id, 0, s))
-            outcomes.append((sum(tb.column("reward").to_pylist()), sum(tb.column("completion_length").to_pylist())))
-        bodies = extra["body"][n0.get("body", 0):]
-        ex = {k: v[n0.get(k, 0):][1:M] for k, v in extra.items()}  # the logs of steps 1..M-1
-        ex["orchestration"] = [gap - sum(bodies[4 * s:4 * s + 4]) for s, gap in zip(range(1, M), times)]
-        c = extra["cpu_at_log"][n0.get("cpu_at_log", 0):][:M]
-        ex["cpu"] = [b - a for a, b in zip(c, c[1:])]
-        return times, outcomes, total, [m.value for m in hist][1:], ex, srv
+        tracking.finish_run(cfg, mlflow_run_id)  # waits for the queued metric batches
+        logged = len(tracking.client_for(cfg).get_metric_history(mlflow_run_id, "step_seconds"))
+        outcomes = [outcome(read_rollouts(layout.rollouts(0, s))) for s in range(M)]
+        ends = extra["step_end"]
+        if len(ends) != M or len(extra["body"]) != 4 * M:
+            raise RuntimeError(f"expected {M} steps of 4 task bodies, saw {len(ends)} steps, "
+                               f"{len(extra['body'])} bodies (a task retried?)")
+        times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]  # steps 1..M-1, one full loop iteration each
+        cpus = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
+        ex = {k: extra[k][1:M] for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints",
+                                           "save_rollouts")}
+        bodies = extra["body"]
+        calls = extra["task_call"]
+        ex["work"] = [sum(bodies[4 * s:4 * s + 4]) + ex["save_rollouts"][s - 1] for s in range(1, M)]
+        ex["task_runs"] = [sum(calls[4 * s:4 * s + 4]) - sum(bodies[4 * s:4 * s + 4]) for s in range(1, M)]
+        for i, task_ in enumerate(stage_tasks):
+            ex[f"body_{task_.name}"] = [bodies[4 * s + i] for s in range(1, M)]
+        ex["orchestration"] = [gap - w for gap, w in zip(times, ex["work"])]
+        return times, outcomes, cpus, total, ex, srv, logged, read_rollouts(layout.rollouts(0, 0))
 
-    res = {"server_start_s": server_start, "plain": [], "flow": [], "flow_inner": [], "same_work": True,
-           "log_metrics": [], "rollout_metrics": [], "flow_total": [], "plain_cpu": [], "flow_cpu": [],
-           "server_cpu_per_run": [], "orchestration": [], "load_before": load_str()}
+    res = {"server_start_s": server_start, "plain": [], "flow": [], "same_work": True, "flow_total": [],
+           "plain_cpu": [], "flow_cpu": [], "server_cpu_per_run": [], "orchestration": [], "work": [],
+           "plain_write": [], "rounds": [], "mlflow_steps_logged": [], "load_before": load_str(),
+           "autocast": autocast, "autocast_resolved": resolved, "attn": base.model.attn_implementation,
+           "checkpoint_every": base.loop.checkpoint_every, "steps_per_run": M,
+           **{k: [] for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints", "save_rollouts",
+                              "task_runs")}}
+    table = None
     for r in range(args.flow_rounds):
+        load0 = load_str()
         WORKSPACE.__init__()  # fresh cache: each round loads the same initial checkpoint
-        p_times, p_out, p_cpu = plain_round(f"plain-{r}")
+        p_times, p_out, p_cpu, p_write = plain_round(f"plain-{r}")
         WORKSPACE.__init__()
-        f_times, f_out, f_total, inner, ex, srv = flow_round(f"flow-{r}")
-        res["plain_cpu"] += p_cpu
-        res["flow_cpu"] += ex["cpu"]
-        res["server_cpu_per_run"].append(srv)
+        f_times, f_out, f_cpu, f_total, ex, srv, logged, table = flow_round(f"flow-{r}")
         res["plain"] += p_times
         res["flow"] += f_times
-        res["flow_inner"] += inner
+        res["plain_cpu"] += p_cpu
+        res["flow_cpu"] += f_cpu
+        res["plain_write"] += p_write
+        res["server_cpu_per_run"].append(srv)
         res["flow_total"].append(f_total)
-        res["log_metrics"] += ex.get("log_metrics", [])
-        res["rollout_metrics"] += ex.get("rollout_metrics", [])
-        res["orchestration"] += ex["orchestration"]
-        res["same_work"] &= p_out == f_out
-        print(f"round {r + 1}: plain {med(p_times):.3f} s/step, flow {med(f_times):.3f} s/step, same work "
-              f"{p_out == f_out} (load {load_str()})", flush=True)
+        res["mlflow_steps_logged"].append(logged)
+        for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints", "save_rollouts",
+                  "orchestration", "work", "task_runs", *(f"body_{t.name}" for t in stage_tasks)):
+            res.setdefault(k, []).extend(ex[k])
+        same = p_out == f_out
+        res["same_work"] &= same
+        rnd = {"plain": med(p_times), "flow": med(f_times), "orchestration": med(ex["orchestration"]),
+               "plain_cpu": med(p_cpu), "flow_cpu": med(f_cpu), "load_before": load0, "load_after": load_str(),
+               "same_work": same}
+        res["rounds"].append(rnd)
+        print(f"round {r + 1}: plain {rnd['plain']:.3f} s/step, flow {rnd['flow']:.3f} s/step "
+              f"({100 * (rnd['flow'] - rnd['plain']) / rnd['plain']:+.1f}%), orchestration inside the flow "
+              f"{rnd['orchestration'] * 1000:.1f} ms/step ({100 * rnd['orchestration'] / rnd['plain']:.1f}%), same work "
+              f"{same}, load {load0} -> {rnd['load_after']}", flush=True)
     res["load_after"] = load_str()
-    tracking.log_metrics, fl.rollout_metrics = orig_log, orig_rm
     res["torch_threads"] = torch.get_num_threads()
-    res["task_run_ms"] = task_run_cost()
+    res["task_run_ms"] = task_run_cost(base, table)
     return res
 
 
-def task_run_cost(n: int = 40) -> float:
-    """In-process milliseconds of one Prefect task run that does nothing, with the step tasks' options
-    (run-keyed cache key, JSON-persisted result): the fixed price of making a stage a task."""
+def task_run_cost(cfg, table, n: int = 40, rounds: int = 3) -> dict:
+    """Milliseconds (in-process CPU and wall, medians of `rounds` x `n` runs) of one Prefect task run that
+    does nothing, with the step tasks' options (no cache, the retry policy) and arguments (the config and
+    a step's table): the fixed price of making a stage a task. "quoted": the same arguments passed
+    through prefect's `quote`, which spares Prefect visiting them (the body still gets them as they are)."""
     from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.utilities.annotations import quote
 
-    from tasks.keys import PERSISTED
+    from tasks.retries import RETRY
 
-    @task(cache_key_fn=lambda ctx, params: f"bench-noop-{os.getpid()}-{params['i']}", **PERSISTED)
-    def noop(i: int) -> str:
-        return f"step={i}.parquet"
+    @task(cache_policy=NO_CACHE, **RETRY)
+    def noop(cfg, rollouts):
+        return rollouts
+
+    def runs(args):
+        c, t = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            noop(*args)
+        return (time.process_time() - c) / n * 1000, (time.perf_counter() - t) / n * 1000
 
     @flow(name="bench-task-cost")
     def many():
-        noop(-1)
-        t = time.process_time()
-        for i in range(n):
-            noop(i)
-        return (time.process_time() - t) / n * 1000
+        noop(cfg, table)
+        out = defaultdict(list)
+        for _ in range(rounds):
+            for name, args in (("plain", (cfg, table)), ("quoted", (quote(cfg), quote(table)))):
+                out[name].append(runs(args))
+        return {name: {"cpu": med([c for c, _ in v]), "wall": med([w for _, w in v])} for name, v in out.items()}
 
-    return many()
+    res = many()
+    return {**res["plain"], "quoted": res["quoted"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -588,8 +671,9 @@ def race_lines(args, res):
           "| phase | ours fp32 | TRL fp32 | ours bf16 | TRL bf16 |", "|---|---|---|---|---|"]
     phases = [  # (name, ours' value of a step, TRL's value of a step)
         ("generation (generate + sampler log-probs)", lambda s: s["generate"], lambda s: s["generate"]),
-        ("rollout bookkeeping: ours Parquet write + verifier + advantages + read back; TRL decode, rewards, "
-         "advantages, padding", lambda s: s["sample_rest"] + s["score"] + s["adv_read"], lambda s: s["prepare_other"]),
+        ("rollout bookkeeping: ours rollout table + verifier + advantages + one Parquet write + update batch; TRL "
+         "decode, rewards, advantages, padding", lambda s: s["sample_rest"] + s["score"] + s["adv_write"],
+         lambda s: s["prepare_other"]),
         ("reference forward (no grad)", lambda s: s["ref_fwd"], lambda s: s["ref_fwd"]),
         ("policy forward (+ loss for TRL: compute_loss)", lambda s: s["policy_fwd"], lambda s: s["loss_fwd"]),
         ("backward + grad clip + AdamW", lambda s: s["bwd_loss_clip"] + s["adamw"], lambda s: s["bwd_opt"]),
@@ -608,79 +692,146 @@ def race_lines(args, res):
              "under bf16 autocast our attention is the eager (matmul) kernel, because PyTorch's CPU flash-attention "
              "kernel is slower in bfloat16 than in float32 at these shapes (a profile of one bf16 step with SDPA: "
              "attention forward 153 ms + backward 125 ms vs 58 + 28 ms in float32, while the linear layers' matmuls "
-             "halved, 414 -> 229 ms); and the bookkeeping differs (ours writes and reads a Parquet file per step).")
+             "halved, 414 -> 229 ms); and the bookkeeping differs (ours writes the step's rollouts to a Parquet file once).")
     L.append("")
     L.append("TRL commands run (one per round and precision): `" +
              re.sub(r"/tmp/step_vs_trl_\w+", "$TMP", res["trl_runs"][-1]["cmd"]) + "`")
     return L
 
 
-def render(args, v, race_res, orch_res, command):
-    L = [SECTION, ""]
-    L.append(f"`{command}` (bench/step_vs_trl.py; TRL venv: `bash scripts/trl_venv.sh`). One invocation, both sides "
-             f"on the same machine, torch threads {args.threads} on both, OMP_WAIT_POLICY="
+def machine_line(v, with_trl: bool):
+    line = (f"- machine: {os.cpu_count()} CPUs ({cpu_model()}; bf16 matmul units (avx512_bf16/AMX): "
+            f"{'yes' if native_bf16_cpu() else 'no'}), shared with other engineers' jobs; Python {v['python']}; "
+            f"ours: torch {v['torch']}, transformers {v['transformers']}, prefect {v['prefect']}, mlflow {v['mlflow']}")
+    if with_trl:
+        line += f"; TRL venv: trl {v['trl']}, torch {v['trl_torch']}, transformers {v['trl_transformers']}"
+    return line
+
+
+def native_bf16_cpu() -> bool:
+    from models.loading import native_bf16
+
+    return native_bf16("cpu")
+
+
+def orchestration_lines(args, v, res, command):
+    pl, fw, orch = res["plain"], res["flow"], res["orchestration"]
+    mp, mf, direct = med(pl), med(fw), med(orch)
+    rounds = res["rounds"]
+    parts = {k: med(res[k]) for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints")}
+    rest = direct - sum(parts.values())
+    r_dir = [100 * r["orchestration"] / r["plain"] for r in rounds]
+    r_ab = [100 * (r["flow"] - r["plain"]) / r["plain"] for r in rounds]
+    precision = ("float32: `model.autocast: auto` resolves to none here (no bf16 matmul units: bf16 autocast is "
+                 "emulated on this CPU and ~10x slower)" if res["autocast_resolved"] == "none" else
+                 f"`model.autocast: {res['autocast']}` ({res['autocast_resolved']})")
+    L = ["### Orchestration overhead: Prefect flow + MLflow vs plain loop", ""]
+    L.append(f"`{command}`. The demo's shapes (configs/demo.yaml: tiny Llama, 8 questions x G=8, 48 new tokens, beta "
+             f"0.04, {res['attn']} attention, a checkpoint saved every "
+             f"{'step' if res['checkpoint_every'] == 1 else str(res['checkpoint_every']) + ' steps'}; verifier rewards "
+             f"only; untrained init checkpoint) in {precision}; torch threads {res['torch_threads']}; throwaway "
+             f"artifacts root (SQLite MLflow) and PREFECT_HOME (temporary Prefect server). Flow = the real "
+             f"`grpo_iteration` flow: the four Prefect tasks passing the step's table in memory, its one Parquet "
+             f"write (`RunJournal.save_rollouts`), rollout_metrics, a commit per step (metrics ledger + state.json, "
+             f"fsynced), the metrics queued for MLflow, checkpoint pruning, the log line. Plain = the same four task "
+             f"bodies (`task.fn`) and the same one write in a loop. {len(rounds)} rounds of plain then flow, "
+             f"{res['steps_per_run'] - 1} timed steps each (the first, model-loading step left out on both): {len(pl)} steps "
+             f"per side. Both did identical work (same rewards and lengths step by step): {res['same_work']}; "
+             f"every step's metrics reached MLflow: "
+             f"{all(n == res['steps_per_run'] for n in res['mlflow_steps_logged'])}. Load average "
+             f"{res['load_before']} before, {res['load_after']} after (1, 5, 15 min).")
+    L.append("")
+    L.append(machine_line(v, with_trl=False))
+    L.append(f"- **measured inside the flow: {direct * 1000:.0f} ms per step outside the work (the four task "
+             f"bodies and the one Parquet write) = {100 * direct / mp:.1f}% of the plain step** (median over "
+             f"{len(orch)} steps of loop-iteration wall time - its work; mean {statistics.mean(orch) * 1000:.0f} ms); "
+             f"per round " + ", ".join(f"{r['orchestration'] * 1000:.0f} ms = {x:.1f}%" for r, x in zip(rounds, r_dir)) +
+             f" (spread {min(r_dir):.1f}-{max(r_dir):.1f}%)")
+    L.append(PREVIOUS_CODE)
+    L.append(f"- A/B of whole steps, flow / plain (the baseline, same run): plain {mp:.3f} s/step, flow {mf:.3f} "
+             f"s/step: ratio {mf / mp:.3f} ({1000 * (mf - mp):+.0f} ms/step; means {statistics.mean(pl):.3f} vs "
+             f"{statistics.mean(fw):.3f}); per round " +
+             ", ".join(f"{r['plain']:.3f} vs {r['flow']:.3f} ({x:+.1f}%, load {r['load_before']} -> "
+                       f"{r['load_after']})" for r, x in zip(rounds, r_ab)) +
+             f": spread {min(r_ab):+.1f} to {max(r_ab):+.1f}%. The A/B also counts what the flow's other threads and "
+             f"the Prefect server process (below) take from the step when the 2 cores are busy with other jobs, and "
+             f"it moves with the machine's load from round to round; the direct split above does not depend on how "
+             f"fast the work ran")
+    L.append(f"- of the direct figure: Prefect's four task runs around their bodies (the flow's calls - the bodies) "
+             f"{med(res['task_runs']) * 1000:.1f} ms, commit (metrics ledger + state.json, two fsyncs) "
+             f"{parts['commit'] * 1000:.1f} ms, queueing the step's metrics for MLflow's logging thread "
+             f"(`tracking.log_records`, SQLite) {parts['log_records'] * 1000:.1f} ms, rollout_metrics (the table in "
+             f"memory) {parts['rollout_metrics'] * 1000:.1f} ms, checkpoint pruning "
+             f"{parts['prune_step_checkpoints'] * 1000:.1f} ms; the log line, the resume check and the loop the rest, "
+             f"~{(rest - med(res['task_runs'])) * 1000:.0f} ms (medians)")
+    L.append("- the work, medians per step inside the flow: " + ", ".join(
+        f"{name} {med(res[f'body_{name}']):.3f} s" for name in ("sample_groups", "score_rollouts",
+                                                                 "compute_advantages", "grpo_update")) +
+             " (grpo_update includes the checkpoint save)")
+    L.append(f"- the step's one Parquet write (work, in both loops, not in the overhead): "
+             f"{med(res['save_rollouts']) * 1000:.1f} ms in the flow, {med(res['plain_write']) * 1000:.1f} ms "
+             f"plain (before the redesign sampling, scoring and advantages each rewrote the file inside the task "
+             f"bodies, and rollout_metrics read it back)")
+    tr = res["task_run_ms"]
+    L.append(f"- one Prefect task run that does nothing, with the step tasks' options (no cache, the retry policy) "
+             f"and arguments (the config and a step's table): {tr['cpu']:.1f} ms of in-process CPU, {tr['wall']:.1f} "
+             f"ms wall (measured in this run): ~{4 * tr['wall']:.0f} ms per step for the 4 tasks" +
+             (f"; with both arguments passed through `prefect.utilities.annotations.quote` (Prefect then does not "
+              f"walk the nested config and the table; the body gets them unchanged) {tr['quoted']['cpu']:.1f} ms "
+              f"CPU, {tr['quoted']['wall']:.1f} ms wall" if "quoted" in tr else ""))
+    L.append(f"- CPU seconds per step of the bench process (all its threads: MLflow's logging thread and "
+             f"Prefect's clients included): plain {med(res['plain_cpu']):.3f}, flow {med(res['flow_cpu']):.3f} "
+             f"({(med(res['flow_cpu']) - med(res['plain_cpu'])) * 1000:+.0f} ms); the temporary Prefect server "
+             f"process used {', '.join(f'{x:.1f}' for x in res['server_cpu_per_run'])} CPU s per flow run "
+             f"(~{med(res['server_cpu_per_run']) / res['steps_per_run'] * 1000:.0f} ms per step, on the other core "
+             f"while torch uses one thread; a machine whose cores are all busy pays it in wall time too)")
+    L.append(f"- one-time, not in the figures: temporary Prefect server start {res['server_start_s']:.1f} s; per "
+             f"flow run (grpo_iteration with {res['steps_per_run']} steps and its final greedy evaluation on 32 "
+             f"questions) total {', '.join(f'{x:.1f}' for x in res['flow_total'])} s")
+    return L
+
+
+def render_race(args, v, race_res, command):
+    L = ["### The race: seconds per GRPO step", ""]
+    L.append(f"`{command}` (TRL venv: `bash scripts/trl_venv.sh`). One invocation, both sides on the same machine, "
+             f"torch threads {args.threads} on both, OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY') or '(unset)'} on both.")
     L.append("")
-    L.append(f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), shared with other engineers' jobs; Python {v['python']}; "
-             f"ours: torch {v['torch']}, transformers {v['transformers']}, prefect {v['prefect']}, mlflow {v['mlflow']}; "
-             f"TRL venv: trl {v['trl']}, torch {v['trl_torch']}, transformers {v['trl_transformers']}")
+    L.append(machine_line(v, with_trl=True))
+    L += race_lines(args, race_res)[3:]  # race_lines starts with its own heading
+    return L
+
+
+INTRO = ("bench/step_vs_trl.py, two parts, each with its own command and machine: the race against TRL "
+         "(`--skip-flow` runs it alone) and the orchestration overhead (`--skip-race`); a part a run skips keeps "
+         "its previous text here.")
+
+
+def render(args, v, race_res, orch_res, command):
+    """{subsection heading: text} for the parts that ran."""
+    out = {}
     if race_res:
-        L += race_lines(args, race_res)
+        out["### The race"] = "\n".join(render_race(args, v, race_res, command)) + "\n"
     if orch_res:
-        pl, fw = orch_res["plain"], orch_res["flow"]
-        mp, mf = med(pl), med(fw)
-        lm, rm = med(orch_res["log_metrics"]), med(orch_res["rollout_metrics"])
-        L += ["", "### Orchestration overhead: Prefect flow + MLflow vs plain loop", ""]
-        L.append(f"The demo's shapes (configs/demo.yaml: tiny Llama, 8 questions x G=8, 48 new tokens, beta 0.04, "
-                 f"bf16 autocast, a checkpoint saved every step; verifier rewards only; untrained init checkpoint), threads {args.threads}, throwaway "
-                 f"artifacts root (SQLite MLflow) and PREFECT_HOME (temporary Prefect server). Flow = the real "
-                 f"`grpo_iteration` flow (Prefect tasks + rollout_metrics + tracking.log_metrics + state file); plain = "
-                 f"the same task bodies (`task.fn`) in a loop. {args.flow_rounds} rounds of plain then flow, "
-                 f"{args.flow_steps} timed steps each (the first, model-loading step left out on both): "
-                 f"{len(pl)} steps per side. Both did identical work (same rewards and lengths step by step): "
-                 f"{orch_res['same_work']}. Load average {orch_res['load_before']} before, {orch_res['load_after']} "
-                 f"after.")
-        L.append("")
-        ov = mf - mp
-        direct = med(orch_res["orchestration"])
-        L.append(f"- **measured inside the flow: {direct * 1000:.0f} ms per step outside the four task bodies "
-                 f"(Prefect task runs, MLflow logging, rollout metrics, state file, log line) = "
-                 f"{100 * direct / mp:.1f}% of the plain step** (median over {len(orch_res['orchestration'])} steps of "
-                 f"step wall time - its task bodies' time; mean {statistics.mean(orch_res['orchestration']) * 1000:.0f} ms)")
-        L.append(f"- A/B of whole steps: plain {mp:.3f} s/step, flow {mf:.3f} s/step: {ov * 1000:+.0f} ms/step = "
-                 f"{100 * ov / mp:+.1f}% (means {statistics.mean(pl):.3f} vs {statistics.mean(fw):.3f}: "
-                 f"{100 * (statistics.mean(fw) - statistics.mean(pl)) / statistics.mean(pl):+.1f}%). On this shared "
-                 f"2-vCPU machine identical steps vary by +-20% between runs, so this difference moves by more than "
-                 f"the overhead itself from one run to the next; the direct split above does not depend on how fast the work itself ran.")
-        L.append(f"- of which MLflow `log_metrics` (one log_batch per step, queued for MLflow's logging thread; SQLite) {lm * 1000:.0f} ms, "
-                 f"rollout_metrics (re-reads the step's Parquet) {rm * 1000:.0f} ms; Prefect's task machinery "
-                 f"(4 task runs per step, cache-key computation, result persistence), the state file, the "
-                 f"checkpoint pruning and the log line the rest of the direct figure, ~{(direct - lm - rm) * 1000:.0f} ms")
-        L.append(f"- CPU seconds per step of the bench process: plain {med(orch_res['plain_cpu']):.3f}, flow "
-                 f"{med(orch_res['flow_cpu']):.3f} ({(med(orch_res['flow_cpu']) - med(orch_res['plain_cpu'])) * 1000:+.0f} ms "
-                 f"in-process); the temporary Prefect server process used "
-                 f"{', '.join(f'{x:.1f}' for x in orch_res['server_cpu_per_run'])} CPU s per flow run "
-                 f"(~{med(orch_res['server_cpu_per_run']) / (args.flow_steps + 1) * 1000:.0f} ms per step, taken from "
-                 f"the same {os.cpu_count()} cores)")
-        L.append(f"- one Prefect task run that does nothing, with the step tasks' options (run-keyed cache key, "
-                 f"JSON-persisted result), costs {orch_res['task_run_ms']:.1f} ms of in-process CPU (measured in this run): "
-                 f"~{4 * orch_res['task_run_ms']:.0f} ms per step for the 4 tasks, "
-                 f"{100 * 4 * orch_res['task_run_ms'] / 1000 / mp:.1f}% of the plain step, below the step-to-step noise "
-                 f"of these medians. With torch on one thread the Prefect server's work lands on the other core; a "
-                 f"machine whose cores are all busy pays it in wall time too.")
-        L.append(f"- one-time, not in the figures: temporary Prefect server start {orch_res['server_start_s']:.1f} s "
-                 f"(the first flow run); per flow run (grpo_iteration incl. its final greedy evaluation on 32 "
-                 f"questions and report) total {', '.join(f'{x:.1f}' for x in orch_res['flow_total'])} s")
-    L.append("")
-    return "\n".join(L) + "\n"  # a blank line before the next section
+        out["### Orchestration overhead"] = "\n".join(orchestration_lines(args, v, orch_res, command)) + "\n"
+    return out
 
 
-def write_section(text):
+def write_section(parts: dict[str, str]) -> str:
+    """Replace, inside this bench's section of BENCHMARKS.md, the subsections that ran; keep the others."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    doc = pattern.sub(lambda _: text, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
+    found = pattern.search(doc)
+    old = found.group(0) if found else ""
+    subsections = {m.group(1): m.group(0).rstrip("\n") + "\n"
+                   for m in re.finditer(r"^(### [^\n:]*)[^\n]*\n.*?(?=^### |\Z)", old, re.S | re.M)}
+    order = ["### The race", "### Orchestration overhead"]
+    body = [parts.get(k) or subsections.get(k) for k in order]
+    text = "\n".join([SECTION, "", INTRO, ""] + [b for b in body if b]) + "\n"
+    doc = pattern.sub(lambda _: text, doc) if found else doc.rstrip("\n") + "\n\n" + text
     path.write_text(doc)
+    return text
 
 
 def main():
@@ -697,15 +848,16 @@ def main():
             print(f"RACE {p}: ours {mo:.3f} s/step, TRL {mt:.3f} s/step, ratio {mo / mt:.2f}", flush=True)
     orch_res = None if args.skip_flow else orchestration(args)
     if orch_res:
-        mp, mf = med(orch_res["plain"]), med(orch_res["flow"])
-        print(f"ORCH plain {mp:.3f} s/step, flow {mf:.3f} s/step, overhead {100 * (mf - mp) / mp:+.1f}%", flush=True)
-    text = render(args, v, race_res, orch_res, command)
-    print(text)
+        mp, mf, d = med(orch_res["plain"]), med(orch_res["flow"]), med(orch_res["orchestration"])
+        print(f"ORCH plain {mp:.3f} s/step, flow {mf:.3f} s/step ({100 * (mf - mp) / mp:+.1f}%), orchestration "
+              f"inside the flow {d * 1000:.1f} ms/step = {100 * d / mp:.1f}% of the plain step", flush=True)
+    parts = render(args, v, race_res, orch_res, command)
+    print("\n".join(parts.values()))
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": v, "race": race_res, "orchestration": orch_res},
                                               indent=1, default=str))
     if not args.no_write:
-        write_section(text)
+        write_section(parts)
 
 
 if __name__ == "__main__":
