@@ -27,6 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, UserError
+from models.trainer import NonFiniteUpdateError
 from flows.cli import config_from_args, config_parser, one_line, preflight
 from problems.datasets import draw_questions, read_problems
 from stages.checkpoints import copy_checkpoint
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             check_same_config(layout, cfg)
             with tags(run_tag(cfg.run_id)):
                 summary = iterative_grpo(cfg)
-    except UserError as err:
+    except (UserError, NonFiniteUpdateError) as err:  # the latter: nothing of that step was written or recorded
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print_summary(cfg, summary)

@@ -183,7 +183,7 @@ def test_deploy_all_and_run_through_a_process_worker(tmp_path):
                                          filter_string="tags.pipeline_run_id = 'deployed'")
         assert max(m.step for m in client.get_metric_history(pipeline.info.run_id, "eval/accuracy")) == 2
         (ev,) = client.search_runs([pipeline.info.experiment_id], filter_string="tags.evaluated_pipeline_run = 'deployed'")
-        assert ev.data.tags["checkpoint_path"] == state["saved_policy"]
+        assert ev.data.tags["checkpoint_path"] == str(artifacts / "runs/deployed" / state["policy"])
         assert 0 <= ev.data.metrics["eval/accuracy"] <= 1 and ev.data.metrics["eval/n"] == 8
         print(f"deploy test: {time.monotonic() - t_start:.0f}s")
     finally:

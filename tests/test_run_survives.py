@@ -23,18 +23,13 @@ from configs import load_config
 from stages.rollout_store import open_rollouts
 from stages.run_layout import RunLayout
 from stages.run_state import committed_records, read_state
+from tests.test_pipeline_e2e import TINY_RUN as E2E_RUN
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# One-operation problems and 80 SFT steps: the policy is right about half the time, so groups differ,
-# gradients are not zero, and "the same final weights" says something.
-TINY_RUN = [
-    "sft.steps=80", "sft.batch_size=16", "sft.checkpoint_every=30", "data.arithmetic.min_steps=1",
-    "data.arithmetic.max_steps=1", "data.train_size=300", "data.test_size=16", "loop.iterations=2",
-    "loop.steps_per_iteration=2", "loop.questions_per_step=4", "loop.eval_every=1", "sampling.group_size=4",
-    "sampling.max_new_tokens=16", "reward_model.init_questions=8", "reward_model.init_samples_per_question=2",
-    "reward_model.epochs=1", "loop.eval_samples=2", "control.sft_same_time=true",
-]
+# The e2e test's tiny sizes (a policy right about half the time, so the updates are not zero), plus SFT
+# checkpoints to be killed between, two samples per evaluation question, and the control.
+TINY_RUN = [*E2E_RUN, "sft.checkpoint_every=30", "loop.eval_samples=2", "control.sft_same_time=true"]
 # Metrics that measure time (and the control, which is given RL's CPU time): they differ between any two runs.
 TIMED = {"rollout_seconds", "update_seconds", "update_step_seconds", "step_seconds", "update_tokens_per_s",
          "sft_same_time_accuracy"}

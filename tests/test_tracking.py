@@ -53,3 +53,31 @@ def test_importing_the_flows_turns_usage_telemetry_off_unless_the_environment_sa
                          cwd=Path(__file__).resolve().parents[1])
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+
+
+def test_two_runs_creating_the_embedded_store_together_both_get_it(tmp_path):
+    """Two processes opening their MLflow runs on a fresh artifacts root at the same moment: the store's
+    creation (schema migration) and the experiment's are done once, under a lock; both runs exist."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from configs import PipelineConfig; from tasks import tracking; "
+            "sys.stdin.read(); "  # both wait here, past their imports, for the same starting signal
+            f"cfg = PipelineConfig(storage={{'artifacts_root': {str(tmp_path)!r}}}); "
+            "print(tracking.open_run(cfg, sys.argv[1]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], cwd=Path(__file__).resolve().parents[1],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=os.environ) for name in ("a", "b")]
+    for p in procs:  # released together, each once its imports are done
+        p.stdin.write("go")
+        p.stdin.close()
+    errs = [p.stderr.read() for p in procs]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [err[-2000:] for err in errs]
+    from configs import PipelineConfig
+    from tasks import tracking
+
+    client = tracking.client_for(PipelineConfig(storage={"artifacts_root": str(tmp_path)}))
+    (exp,) = [e for e in client.search_experiments() if e.name == "iterative-grpo"]
+    assert {r.data.tags["pipeline_run_id"] for r in client.search_runs([exp.experiment_id])} == {"a", "b"}
