@@ -28,14 +28,15 @@ def client_for(cfg: PipelineConfig) -> MlflowClient:
 
 @lru_cache(maxsize=8)
 def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):  # the client's constructor creates (and migrates) the store
+        return MlflowClient(tracking_uri=uri)
 
 
 @contextmanager
-def store_creation_lock(cfg: PipelineConfig):
-    """Held while the embedded SQLite store may be created or migrated: two runs starting together
-    would otherwise race in MLflow's schema migration (one dies). A no-op for other stores."""
-    uri = cfg.mlflow_uri()
+def store_lock(uri: str):
+    """Held while the embedded SQLite store may be created or migrated, or the experiment created:
+    two runs starting together would otherwise race in MLflow's schema migration (one dies). A no-op
+    for other stores."""
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -50,7 +51,7 @@ def store_creation_lock(cfg: PipelineConfig):
 
 
 def experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
-    with store_creation_lock(cfg):  # the first look-up creates the store
+    with store_lock(cfg.mlflow_uri()):  # two runs must not both create it
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is not None:
             return exp.experiment_id
