@@ -11,7 +11,6 @@ here, before anything runs. Config files are read as UTF-8 and their bytes are n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -266,11 +265,6 @@ class PipelineConfig(_Section):
 
     def mlflow_uri(self) -> str:
         return self.tracking.mlflow_uri or f"sqlite:///{self.artifacts() / 'mlflow.db'}"
-
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of some sections, to key reusable outputs (data splits, SFT model)."""
-        blob = json.dumps({s: getattr(self, s).model_dump() for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, for MLflow params."""

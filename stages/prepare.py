@@ -6,6 +6,7 @@ and reused by every run that shares them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -22,7 +23,7 @@ from models.loading import load_policy
 from models.sft import sft_optimizer, train_sft
 from models.tiny import save_tiny
 from problems.arithmetic import VOCAB_WORDS
-from problems.datasets import format_prompt, prepare_splits, read_problems
+from problems.datasets import format_prompt, prepare_splits, read_problems, split_key
 from problems.verify import extract_answer, is_correct
 from stages.checkpoints import load_optimizer, save_optimizer
 from stages.faults import crash_point
@@ -58,7 +59,11 @@ def sft_examples(cfg: PipelineConfig, tokenizer) -> list[tuple[list[int], list[i
 
 
 def _sft_dir(cfg: PipelineConfig) -> Path:
-    return cfg.artifacts() / "sft" / cfg.section_hash("model", "data", "sft")
+    """Keyed by what the warm start's weights depend on: the model and SFT settings (not how often it
+    checkpoints) and the data, by content for a data file (`split_key`), so an edited file retrains."""
+    key = {"model": cfg.model.model_dump(), "sft": cfg.sft.model_dump(exclude={"checkpoint_every"}),
+           "data": split_key(cfg.data)}
+    return cfg.artifacts() / "sft" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _latest_sft_checkpoint(partial: Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""Prefect tasks of one GRPO step: sample -> score -> advantages -> (write once) -> update.
+"""Prefect tasks of one GRPO step: sample -> score -> advantages -> update (the flow writes the step's
+Parquet once, between the last two: tasks/journal.py).
 
 Each takes what it needs explicitly (the config, a checkpoint or tokenizer reference, the step's
 table) and loads what is not in memory (tasks/workspace.py). Nothing is cached by Prefect: the run
@@ -7,8 +8,6 @@ instead of asking a cache what an earlier process did. Sampling and scoring retr
 the update is not idempotent and never retries: a failed step is redone from the last checkpoint.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import pyarrow as pa
 from prefect import task
@@ -19,7 +18,6 @@ from models.trainer import grpo_update as run_grpo_update
 from stages import advantages, rewards, sampling
 from stages.checkpoints import save_checkpoint
 from stages.faults import crash_point
-from stages.rollout_store import read_rollouts, write_atomic
 from tasks.retries import RETRY
 from tasks.workspace import WORKSPACE
 
@@ -54,15 +52,6 @@ def compute_advantages(cfg: PipelineConfig, rollouts: pa.Table) -> pa.Table:
                                           scale=cfg.grpo.adv_scale)
     crash_point("advantages")
     return table
-
-
-def stored_rollouts(path: Path) -> pa.Table | None:
-    """A finished step's rollouts (files are written once, complete), or None."""
-    return read_rollouts(path) if path.exists() else None
-
-
-def save_rollouts(path: Path, rollouts: pa.Table) -> None:
-    write_atomic(rollouts, path)
 
 
 @task(cache_policy=NO_CACHE)
