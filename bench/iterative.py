@@ -11,7 +11,7 @@ Each variant is a real run of the pipeline flow (Prefect, MLflow, Parquet) under
 so the SFT warm start and the data splits are built once. Writes the section
 "## Iterative RL: reward sources and supervision" of BENCHMARKS.md.
 
-    .venv/bin/python bench/iterative.py [--steps 60] [--iterations 2] [--root /tmp/bench-iterative]
+    .venv/bin/python bench/iterative.py [--steps 60] [--iterations 2] [--root <tmp>/bench-iterative]
     .venv/bin/python bench/iterative.py --iterations 1 --steps 1 --variants verifier --no-write \
         --set sft.steps=20 data.test_size=16 loop.eval_sample_questions=4 reward_model.init_questions=16   # a smoke run
 """
@@ -22,6 +22,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="/tmp/bench-iterative")
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "bench-iterative"))
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60, help="GRPO steps per iteration")
     parser.add_argument("--threads", type=int, default=1)

@@ -78,7 +78,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PEER = Path("/work/shared/peers/trl_cpu_step.py")
+PEER = ROOT.parent / "shared" / "peers" / "trl_cpu_step.py"  # ../shared beside the checkout
 SECTION = "## GRPO step: this pipeline vs TRL GRPOTrainer"
 
 
@@ -695,7 +695,7 @@ def race_lines(args, res):
              "halved, 414 -> 229 ms); and the bookkeeping differs (ours writes the step's rollouts to a Parquet file once).")
     L.append("")
     L.append("TRL commands run (one per round and precision): `" +
-             re.sub(r"/tmp/step_vs_trl_\w+", "$TMP", res["trl_runs"][-1]["cmd"]) + "`")
+             res["trl_runs"][-1]["cmd"].replace(str(TMP), "$TMP") + "`")
     return L
 
 
