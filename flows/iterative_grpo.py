@@ -214,7 +214,7 @@ def print_summary(cfg: PipelineConfig, summary: dict) -> None:
     print(f"""
 Held-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT policy) -> {summary['final_accuracy']:.3f} \
 after {summary['rl_seconds']:.0f} s of RL{summary['sampled']}{control}
-  rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration)
+  rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration and step)
   checkpoints:  {summary['run_dir']}/checkpoints/
   MLflow run:   {summary['mlflow_run_id']} in {cfg.mlflow_uri()}
 Open the UIs:
