@@ -88,13 +88,12 @@ def test_weights_pushed_in_memory_are_served(engine, tiny, tiny_dir, other_model
     assert _max_logp_gap(sampler, tiny[0], prompts)[0] < 1e-4
 
 
-def test_sample_groups_through_vllm(engine, tmp_path):
-    from stages.rollout_store import ROLLOUT_SCHEMA, read_rollouts
+def test_sample_groups_through_vllm(engine):
+    from stages.rollout_store import ROLLOUT_SCHEMA
     from stages.sampling import sample_groups
 
     cfg, sampler = engine
     qs = [{"id": "a", "question": "Mia has 7 apples.", "solution": "#### 7", "answer": "7"}]
-    path = sample_groups("tiny", qs, cfg, seed=3, out_path=tmp_path / "s.parquet", run_id="r", sampler=sampler)
-    t = read_rollouts(path)
+    t = sample_groups(sampler, qs, group_size=cfg.group_size, seed=3, run_id="r", policy_version=0)
     assert t.schema.equals(ROLLOUT_SCHEMA) and t.num_rows == G
     assert set(t.column("sampler_backend").to_pylist()) == {"vllm"}
