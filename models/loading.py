@@ -11,6 +11,7 @@ import re
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,14 +39,19 @@ def _is_local_path(name_or_path: str) -> bool:
 
 def check_model_source(name_or_path: str, field: str = "model.policy") -> None:
     """Raise `ModelSourceError` when `name_or_path` is a local folder that loading would fail on:
-    missing, not a folder, or without config.json, a tokenizer or weights. The built-in `tiny` and
-    hub ids pass (whether a hub id exists is only known by loading it)."""
+    missing, not a folder, or without config.json, a tokenizer or weights; or a hub id that is not in
+    the local Hugging Face cache while HF_HUB_OFFLINE forbids downloading it. The built-in `tiny` and
+    other hub ids pass (whether a hub id exists online is only known by loading it)."""
     if name_or_path == BUILT_IN:
         return
     folder = Path(name_or_path).expanduser()
     if not folder.exists():
         if _is_local_path(name_or_path):
             raise ModelSourceError(f"{field}: {name_or_path}: no such folder")
+        if huggingface_hub.constants.HF_HUB_OFFLINE and \
+                not isinstance(huggingface_hub.try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise ModelSourceError(f"{field}: hub id {name_or_path!r} is not in the local Hugging Face cache and "
+                                   "HF_HUB_OFFLINE=1 forbids downloading it (give a local folder, or unset it)")
         return
     if not folder.is_dir():
         raise ModelSourceError(f"{field}: {name_or_path} is not a folder (a model is a folder with config.json, "

@@ -190,8 +190,26 @@ def test_missing_local_model_path(policy, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("policy", ["tiny", "Qwen/Qwen2.5-0.5B-Instruct", "gpt2"])
 def test_builtin_and_hub_ids_pass(policy, tmp_path, monkeypatch):
+    import huggingface_hub
+
     monkeypatch.chdir(tmp_path)  # no local folder of that name
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a user who may download
     check_model_source(policy)
+
+
+def test_a_hub_id_not_in_the_cache_is_refused_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    check_model_source("tiny")
+    with pytest.raises(ModelSourceError) as err:
+        check_model_source("Qwen/Qwen2.5-0.5B-Instruct")
+    assert str(err.value).startswith("model.policy: hub id 'Qwen/Qwen2.5-0.5B-Instruct' is not in the local Hugging "
+                                     "Face cache and HF_HUB_OFFLINE=1")
+    assert "\n" not in str(err.value)
 
 
 def test_model_folder_missing_files(tmp_path):
