@@ -106,8 +106,8 @@ class RunLayout:
 
     # ---- references kept in the state ------------------------------------------------------------
     def ref(self, path: str | Path) -> str:
-        """`path` as the state keeps it: relative when inside the run folder, else as given (a hub id,
-        or the shared SFT warm start)."""
+        """`path` as the state keeps it: relative when inside the run folder (as every checkpoint
+        the run writes is), else as given."""
         p = Path(path)
         try:
             return p.resolve().relative_to(self.root.resolve()).as_posix()

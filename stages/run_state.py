@@ -105,8 +105,7 @@ def commit(layout: RunLayout, state: RunState, records: list[MetricRecord] = (),
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
-    new = state.model_copy(update={**changes, "metrics_committed": size})
-    RunState.model_validate(new.model_dump())  # a bad field fails here, before anything is written
+    new = RunState.model_validate({**dict(state), **changes, "metrics_committed": size})  # validated, unlike model_copy
     _write_state(layout, new)
     return new
 

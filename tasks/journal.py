@@ -45,8 +45,9 @@ class RunJournal:
 
     @property
     def tokenizer(self) -> str:
-        """A checkpoint on disk whose tokenizer is the policy's (the committed policy's)."""
-        return self.layout.path(self.state.policy)
+        """A checkpoint on disk whose tokenizer is the policy's: the run's start (iteration 0's reference),
+        one path for the whole run, so the workspace loads it at most once."""
+        return str(self.layout.reference(0))
 
     @property
     def reward_models(self) -> dict[str, str]:
