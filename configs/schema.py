@@ -39,6 +39,18 @@ class TinyModelConfig(_Section):
     max_position_embeddings: int = Field(256, gt=0)
 
 
+class LoraConfig(_Section):
+    """LoRA adapters through `peft`: only the adapters train; the reference is the base model with the
+    adapters disabled (no second copy); checkpoints hold the adapters and their optimizer state."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='module names to adapt (e.g. [q_proj, v_proj]) or "all-linear"')
+
+
 class ModelConfig(_Section):
     policy: str = Field("tiny", description='"tiny" (built-in demo model), a hub id, or a local path')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -51,6 +63,9 @@ class ModelConfig(_Section):
         "and log-softmax stay in model.dtype / float32"))
     attn_implementation: str | None = Field(None, description=(
         'transformers attention kernel: "sdpa", "eager", "flash_attention_2", ...; default: the model\'s'))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass of the update and SFT: less memory, ~30% more time"))
+    lora: LoraConfig = LoraConfig()
     tiny: TinyModelConfig = TinyModelConfig()
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -81,8 +96,21 @@ class ArithmeticConfig(_Section):
         return self
 
 
+class PromptConfig(_Section):
+    """How a question becomes the model's prompt, alike for sampling, evaluation, SFT and reward models."""
+
+    format: Literal["auto", "plain", "chat"] = Field("auto", description=(
+        'plain: "Question: ...\\nAnswer:\\n" (the built-in model, base models); chat: the tokenizer\'s chat '
+        "template with the generation prompt; auto: chat when the tokenizer has a template"))
+    system: str | None = Field(None, description="chat: a system message before the question")
+    instruction: str | None = Field(None, description=(
+        "chat: a line after the question saying how to answer (e.g. the form of the final answer)"))
+
+
 class DataConfig(_Section):
-    prompt_set: str = Field("arithmetic", description='"arithmetic" (built-in) or a GSM8K-format .jsonl/.parquet path')
+    prompt_set: str = Field("arithmetic", description=(
+        '"arithmetic" (built-in word problems), "gsm_symbolic" (reasoning-gym\'s GSM8K-derived problems), '
+        "or a GSM8K-format .jsonl/.parquet path"))
     test_set: str | None = Field(None, description="GSM8K-format test file; default: split from prompt_set")
     train_size: int = Field(20000, gt=0)
     test_size: int = Field(500, gt=0)
@@ -125,11 +153,18 @@ class RewardSource(_Section):
                                                  "what the source scores as wrong)")
 
 
+class VerifierConfig(_Section):
+    last_number: bool = Field(False, description=(
+        "when a completion has no answer line ('#### N', \\boxed{N}, 'the answer is N'), take its last number "
+        "as the answer (for chat models that answer in prose)"))
+
+
 class RewardConfig(_Section):
     supervision: Literal["outcome", "process"] = "outcome"
     sources: list[RewardSource] = [RewardSource(name="verifier")]
     on_error: Literal["fail", "zero"] = "fail"
     rm_score: Literal["probability", "logit"] = "probability"
+    verifier: VerifierConfig = VerifierConfig()
 
     @field_validator("sources")
     @classmethod
@@ -153,6 +188,9 @@ class GRPOConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    warn_after_flat_steps: int = Field(3, gt=0, description=(
+        "a step whose groups all have one reward each learns nothing and takes no optimizer step; after this "
+        "many in a row the run warns and its MLflow run is tagged"))
 
 
 class PPOConfig(_Section):
@@ -186,6 +224,9 @@ class IterationsConfig(_Section):
     eval_sample_questions: int = Field(64, ge=0, description="how many held-out questions (the first ones) get "
                                                              "the K samples; greedy accuracy uses all of them")
     checkpoint_every: int = Field(1, gt=0)
+    eval_max_new_tokens: int | None = Field(None, gt=0, description="evaluation's token limit; default: "
+                                                                    "sampling.max_new_tokens")
+    eval_batch_size: int = Field(256, gt=0, description="rows per generate call of the held-out evaluation")
 
 
 class RewardModelConfig(_Section):
@@ -239,6 +280,7 @@ class PipelineConfig(_Section):
         "grpo", description="the unified paradigm's method (flows/compare_methods.py); iterative_grpo runs grpo")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
     sft: SFTConfig = SFTConfig()
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
