@@ -46,9 +46,10 @@ from models.generation import generate  # noqa: E402
 from models.loading import load_policy  # noqa: E402
 from models.reward_model import ValueHeadRewardModel, evaluate_value_model, train_value_model  # noqa: E402
 from models.sft import train_sft  # noqa: E402
-from problems.datasets import format_prompt, read_problems  # noqa: E402
+from problems.datasets import read_problems  # noqa: E402
+from problems.prompts import encode_sft_examples, plain_prompt  # noqa: E402
 from problems.verify import extract_answer, is_correct  # noqa: E402
-from stages.prepare import encode_examples, initial_policy, prepare_data  # noqa: E402
+from stages.prepare import initial_policy, prepare_data  # noqa: E402
 from stages.reward_training import prepare_rm_data, read_rows, retrain_reward_model, to_examples  # noqa: E402
 from stages.rollout_store import ROLLOUT_SCHEMA, write_atomic  # noqa: E402
 from stages.run_layout import RunLayout  # noqa: E402
@@ -92,7 +93,7 @@ def shifted_policy(sft_path: Path, cfg) -> Path:
         return out
     model, tok = load_policy(str(sft_path))
     train_path, _ = prepare_data(cfg)
-    examples = encode_examples(tok, read_problems(train_path))
+    examples = encode_sft_examples(tok, read_problems(train_path), cfg.prompt)
     train_sft(model, examples[::-1], pad_id=tok.pad_token_id, steps=SHIFT_STEPS, batch_size=32, lr=SHIFT_LR,
               warmup_steps=10, seed=1)
     model.save_pretrained(out)
@@ -106,7 +107,7 @@ def sample_rollouts(policy_path: Path, problems: list[dict], out: Path, seed: in
     `policy_version`: 0 for the SFT policy, 1 for the shifted stand-in of one RL iteration."""
     model, tok = load_policy(str(policy_path))
     model.eval()
-    prompts = [format_prompt(p["question"]) for p in problems]
+    prompts = [plain_prompt(p["question"]) for p in problems]
     prompt_ids = tok(prompts)["input_ids"]
     outs = generate(model, tok, prompt_ids, n=G, max_new_tokens=64, seed=seed)
     rows = []

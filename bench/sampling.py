@@ -38,7 +38,7 @@ from models.loading import load_policy  # noqa: E402
 from models.samplers import HFSampler  # noqa: E402
 from models.tiny import save_tiny  # noqa: E402
 from problems.arithmetic import VOCAB_WORDS, generate_problems  # noqa: E402
-from problems.datasets import format_prompt  # noqa: E402
+from problems.prompts import plain_prompt  # noqa: E402
 
 SECTION = "## Sampling: hf backend vs naive loop"
 COMMAND = ".venv/bin/python bench/sampling.py"
@@ -65,7 +65,7 @@ def main():
     save_tiny(tmp, VOCAB_WORDS, seed=0)
     model, tok = load_policy(tmp)
     model.eval()
-    prompts = tok([format_prompt(p["question"]) for p in generate_problems(QUESTIONS, seed=0)])["input_ids"]
+    prompts = tok([plain_prompt(p["question"]) for p in generate_problems(QUESTIONS, seed=0)])["input_ids"]
     sampler = HFSampler(model, tok, max_new_tokens=MAX_NEW, batch_size=BATCH)
 
     def batched(r):

@@ -12,7 +12,7 @@ eager attention, the demo's setting; TRL: `--bf16`, GRPOConfig's bf16 autocast):
   randomly initialised Qwen2, hidden 128, 4 layers, 4 heads, intermediate 512, untied, char vocab 99;
   8 prompts x G=8, max 32 new tokens, beta 0.04, loss_type grpo, no gradient checkpointing).
 - ours: the SAME model (same Qwen2Config, same seed, same character tokenizer, the peer's code copied
-  here), the same additions as prompts (ours "Question: a+b\nAnswer:\n" via format_prompt, <= 24 tokens;
+  here), the same additions as prompts (ours "Question: a+b\nAnswer:\n" via plain_prompt, <= 24 tokens;
   TRL "What is a+b? Answer:", <= 22), through this pipeline's stage functions on in-memory tables,
   one step =
     stages.sampling.sample_groups (HFSampler: generate with per-token sampler log-probs -> rollout table)
@@ -125,6 +125,7 @@ import transformers  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import trainer as trainer_mod  # noqa: E402
 from models.samplers import HFSampler  # noqa: E402
+from problems.prompts import encode_prompts  # noqa: E402
 from stages import advantages as adv_stage, rewards as reward_stage, sampling as sample_stage  # noqa: E402
 from stages.rollout_store import write_atomic  # noqa: E402
 
@@ -277,8 +278,8 @@ class OurSide:
         self.timer.hook_optimizer(self.opt)
         self.questions = race_questions()
         self.step_no = 0
-        self.prompt_tokens = max(len(x) for x in self.tok(
-            [sample_stage.format_prompt(q["question"]) for q in self.questions])["input_ids"])
+        self.prompt_tokens = max(len(x) for x in encode_prompts(self.tok, [q["question"] for q in self.questions],
+                                                                cfg.prompt)[1])
 
     def step(self):
         cfg, args, i = self.cfg, self.args, self.step_no
@@ -288,7 +289,7 @@ class OurSide:
         self.timer.cur = defaultdict(float)
         c0, t0 = time.process_time(), time.perf_counter()
         with cfg.model.compute():
-            table = sample_stage.sample_groups(self.sampler, qs, group_size=args.G, seed=i, run_id="race",
+            table = sample_stage.sample_groups(self.sampler, qs, cfg.prompt, group_size=args.G, seed=i, run_id="race",
                                                policy_version=i)
         t1 = time.perf_counter()
         table = reward_stage.score_rollouts(table, cfg.reward, tokenizer=self.tok)
@@ -638,7 +639,7 @@ def race_lines(args, res):
              f"no autocast, SDPA attention; TRL: the peer's default, bf16=False) and bf16 (ours: `model.autocast: "
              f"bfloat16` + `model.attn_implementation: eager`, the demo's setting; TRL: `--bf16`, GRPOConfig's "
              f"bf16=True autocast). Prompts: TRL `What is a+b? Answer:` (<= 22 tokens); ours "
-             f"`Question: a+b\\nAnswer:\\n` (problems.datasets.format_prompt, <= {res['prompt_tokens']} tokens), the "
+             f"`Question: a+b\\nAnswer:\\n` (problems.prompts.plain_prompt, <= {res['prompt_tokens']} tokens), the "
              f"same a, b. {args.rounds} rounds, each: ours fp32, ours bf16, TRL fp32, TRL bf16, {args.steps} steps "
              f"each, the first {args.warmup} of each left out: {len(sides['ours_fp32'])} steps per side. Load "
              f"average {res['load_before']} before, {res['load_after']} after.")

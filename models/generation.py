@@ -216,9 +216,10 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 64,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-             seed: int | None = None) -> list[Completion]:
+             seed: int | None = None, stop_marker: str | None = None) -> list[Completion]:
     """n completions per prompt (see `sample_completions`); kept for greedy evaluation."""
     if greedy and n != 1:
         raise ValueError("greedy decoding gives one completion per prompt; use n=1")
     return sample_completions(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, greedy=greedy,
-                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+                              stop_marker=stop_marker)

@@ -1,6 +1,7 @@
 """Held-out evaluation: greedy accuracy, plus Pass@K and Maj@K from K samples per question.
 
-    evaluate(model, tokenizer, problems, max_new_tokens=..., k=8, temperature=1.0, sample_questions=64) -> Evaluation
+    evaluate(model, tokenizer, problems, prompt_cfg, max_new_tokens=..., k=8, temperature=1.0, sample_questions=64,
+             last_number=False, batch_size=256) -> Evaluation
 
 Greedy accuracy is `stages.prepare.greedy_accuracy` on all `problems`. Pass@K (`pass_at_<K>`: some sample is
 right) and Maj@K (`maj_at_<K>`: the majority-vote final answer is right, self-consistency) use K samples at
@@ -16,24 +17,25 @@ from pydantic import BaseModel, ConfigDict
 
 from models.eval_metrics import maj_at_k, mean_pass_at_k_unbiased, pass_at_k
 from models.generation import sample_completions
-from problems.datasets import format_prompt
-from problems.verify import ANSWER_MARK, extract_answer, normalize_number
+from problems.prompts import encode_prompts
+from problems.verify import ANSWER_MARK, extract_answer
 from stages.prepare import greedy_accuracy
 
 
 @torch.no_grad()
-def sampled_metrics(model, tokenizer, problems: list[dict], *, k: int, max_new_tokens: int, temperature: float = 1.0,
-                    seed: int = 0, batch_size: int = 256) -> dict:
+def sampled_metrics(model, tokenizer, problems: list[dict], prompt_cfg, *, k: int, max_new_tokens: int,
+                    temperature: float = 1.0, seed: int = 0, batch_size: int = 256, last_number: bool = False) -> dict:
     """Pass@K, Maj@K, pass@1 (unbiased, from the same K samples) and the mean sample accuracy."""
     was_training = model.training
     model.eval()
-    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
+    _, prompts = encode_prompts(tokenizer, [p["question"] for p in problems], prompt_cfg)
     outs = sample_completions(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
                               batch_size=batch_size, seed=seed, stop_marker=ANSWER_MARK)
     model.train(was_training)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    answers = [[extract_answer(t) for t in texts[i * k:(i + 1) * k]] for i in range(len(problems))]
-    truth = [normalize_number(str(p["answer"])) for p in problems]
+    answers = [[extract_answer(t, last_number=last_number) for t in texts[i * k:(i + 1) * k]]
+               for i in range(len(problems))]
+    truth = [extract_answer(f"{ANSWER_MARK} {p['answer']}") for p in problems]
     correct = [[a is not None and a == t for a in row] for row, t in zip(answers, truth)]
     return {
         f"pass_at_{k}": pass_at_k(correct),
@@ -74,13 +76,16 @@ class Evaluation(BaseModel):
         return f"greedy accuracy {self.accuracy:.3f} on {self.n} held-out questions{sampled}"
 
 
-def evaluate(model, tokenizer, problems: list[dict], *, max_new_tokens: int, k: int = 8, temperature: float = 1.0,
-             sample_questions: int = 64, seed: int = 0) -> Evaluation:
-    """Greedy accuracy on `problems`, Pass@K / Maj@K on the first `sample_questions` of them."""
-    greedy = greedy_accuracy(model, tokenizer, problems, max_new_tokens=max_new_tokens)
+def evaluate(model, tokenizer, problems: list[dict], prompt_cfg, *, max_new_tokens: int, k: int = 8,
+             temperature: float = 1.0, sample_questions: int = 64, seed: int = 0, last_number: bool = False,
+             batch_size: int = 256) -> Evaluation:
+    """Greedy accuracy on `problems`, Pass@K / Maj@K on the first `sample_questions` of them.
+    `prompt_cfg`: a `PromptConfig`; `batch_size`: rows per generate call."""
+    greedy = greedy_accuracy(model, tokenizer, problems, prompt_cfg, max_new_tokens=max_new_tokens,
+                             last_number=last_number, batch_size=batch_size)
     if k == 0 or sample_questions == 0:
         return Evaluation(**greedy)
-    s = sampled_metrics(model, tokenizer, problems[:sample_questions], k=k, max_new_tokens=max_new_tokens,
-                        temperature=temperature, seed=seed)
+    s = sampled_metrics(model, tokenizer, problems[:sample_questions], prompt_cfg, k=k, max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed, batch_size=batch_size, last_number=last_number)
     return Evaluation(**greedy, k=k, sample_questions=int(s["sample_questions"]), maj_at_k=s[f"maj_at_{k}"],
                       pass_at_k=s[f"pass_at_{k}"], pass_at_1=s["pass_at_1"])

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 
 from models.trainer import UpdateBatch
-from problems.datasets import format_prompt
+from problems.prompts import encode_prompts, encode_sft_examples
 from stages.rollout_store import ROLLOUT_SCHEMA, padded, with_columns
 
 
@@ -29,17 +29,14 @@ def pool_slice(pool: pa.Table, first_group: int, n_groups: int) -> pa.Table:
     return with_columns(part, {"group_index": shifted})
 
 
-def sft_rollouts(questions: list[dict], tokenizer, *, run_id: str) -> pa.Table:
+def sft_rollouts(questions: list[dict], tokenizer, prompt_cfg, *, run_id: str) -> pa.Table:
     """The questions' reference solutions (+ EOS) as scored rollout rows, reward 1: SFT's data
-    (stages.prepare.encode_examples). No policy sampled them: `policy_version` is null, the
+    (problems.prompts.encode_sft_examples). No policy sampled them: `policy_version` is null, the
     sampler backend "none"."""
-    prompts = [format_prompt(q["question"]) for q in questions]
-    prompt_ids = tokenizer(prompts)["input_ids"] if prompts else []
-    targets = tokenizer([q["solution"] for q in questions], add_special_tokens=False)["input_ids"] if prompts else []
+    prompts, _ = encode_prompts(tokenizer, [q["question"] for q in questions], prompt_cfg)
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
-    for g, (q, p, t) in enumerate(zip(questions, prompt_ids, targets)):
-        ids = list(t) + [tokenizer.eos_token_id]
+    for g, (q, (p, ids)) in enumerate(zip(questions, encode_sft_examples(tokenizer, questions, prompt_cfg))):
         rows.append({"run_id": run_id, "question_id": str(q["id"]), "group_index": g, "sample_index": 0,
                      "prompt": prompts[g], "completion": q["solution"], "prompt_ids": p, "completion_ids": ids,
                      "old_logprobs": [], "completion_length": len(ids), "truncated": False, "finish_reason": "eos",

@@ -23,8 +23,9 @@ from models.loading import load_policy
 from models.sft import sft_optimizer, train_sft
 from models.tiny import save_tiny
 from problems.arithmetic import VOCAB_WORDS
-from problems.datasets import format_prompt, prepare_splits, read_problems, split_key
-from problems.verify import extract_answer, is_correct
+from problems.datasets import prepare_splits, read_problems, split_key
+from problems.prompts import encode_prompts, encode_sft_examples
+from problems.verify import ANSWER_MARK, extract_answer, is_correct
 from stages.checkpoints import load_optimizer, save_optimizer
 from stages.faults import crash_point
 
@@ -39,13 +40,6 @@ def prepare_data(cfg: PipelineConfig) -> tuple[Path, Path]:
     return prepare_splits(cfg.data, cfg.artifacts() / "data")
 
 
-def encode_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids + EOS) per problem: the SFT targets."""
-    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
-    targets = tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]
-    return [(p, t + [tokenizer.eos_token_id]) for p, t in zip(prompts, targets)]
-
-
 def sft_examples(cfg: PipelineConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     """The worked solutions SFT (and the SFT control) may learn from: the first `sft.examples`, a
     seeded `sft.answer_only_fraction` of them cut to their final answer line."""
@@ -55,7 +49,7 @@ def sft_examples(cfg: PipelineConfig, tokenizer) -> list[tuple[list[int], list[i
         rng = random.Random(cfg.data.seed)
         problems = [{**p, "solution": p["solution"].rstrip().splitlines()[-1]}
                     if rng.random() < cfg.sft.answer_only_fraction else p for p in problems]
-    return encode_examples(tokenizer, problems)
+    return encode_sft_examples(tokenizer, problems, cfg.prompt)
 
 
 def _sft_dir(cfg: PipelineConfig) -> Path:
@@ -152,18 +146,21 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> dict:
-    """Held-out greedy accuracy (plus answer rate and mean length) of `model` on `problems`."""
+def greedy_accuracy(model, tokenizer, problems: list[dict], prompt_cfg, *, max_new_tokens: int, batch_size: int = 256,
+                    last_number: bool = False) -> dict:
+    """Held-out greedy accuracy (plus answer rate and mean length) of `model` on `problems`. A row stops at
+    EOS or once its `####` answer line has ended."""
     was_training = model.training
     model.eval()
-    prompts = tokenizer([format_prompt(p["question"]) for p in problems])["input_ids"]
-    outs = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    _, prompts = encode_prompts(tokenizer, [p["question"] for p in problems], prompt_cfg)
+    outs = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    stop_marker=ANSWER_MARK)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    correct = [is_correct(t, p["answer"]) for t, p in zip(texts, problems)]
+    correct = [is_correct(t, p["answer"], last_number=last_number) for t, p in zip(texts, problems)]
     model.train(was_training)
     return {
         "accuracy": sum(correct) / len(problems),
-        "answered": sum(extract_answer(t) is not None for t in texts) / len(problems),
+        "answered": sum(extract_answer(t, last_number=last_number) is not None for t in texts) / len(problems),
         "mean_length": sum(len(o.token_ids) for o in outs) / len(problems),
         "n": len(problems),
     }

@@ -67,10 +67,10 @@ def align_line_labels(texts: Sequence[str], line_labels: Sequence[bool]) -> list
 
 
 def verifier_step_labels(tokenizer, completion_ids: Sequence[int], step_ends: Sequence[int], solution: str,
-                         answer: str) -> list[bool]:
+                         answer: str, *, last_number: bool = False) -> list[bool]:
     """`problems.verify.step_correctness`, one label per token step."""
     texts = step_texts(tokenizer, completion_ids, step_ends)
-    return align_line_labels(texts, step_correctness("".join(texts), solution, answer))
+    return align_line_labels(texts, step_correctness("".join(texts), solution, answer, last_number=last_number))
 
 
 def _item(rows: list[dict], i: int) -> str:
@@ -116,7 +116,8 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
     prompts = [r["prompt_ids"] for r in rows]
     completions = [r["completion_ids"] for r in rows]
     step_ends = [step_ends_from_tokens(c, delims) for c in completions]
-    step_labels = [verifier_step_labels(tokenizer, c, e, r.get("solution") or "", r["answer"])
+    last_number = reward_cfg.verifier.last_number
+    step_labels = [verifier_step_labels(tokenizer, c, e, r.get("solution") or "", r["answer"], last_number=last_number)
                    for r, c, e in zip(rows, completions, step_ends)]
 
     outcome: dict[str, list[float]] = {}
@@ -131,7 +132,7 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
                     text = r.get("completion")
                     if text is None:
                         text = tokenizer.decode(completions[i], skip_special_tokens=True)
-                    out_v.append(float(is_correct(text, r["answer"])))
+                    out_v.append(float(is_correct(text, r["answer"], last_number=last_number)))
                 except Exception as err:  # noqa: BLE001
                     errors[i] = f"{type(err).__name__}: {err}"
                     out_v.append(0.0)

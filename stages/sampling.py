@@ -1,6 +1,6 @@
 """Sampling a step's groups: G outputs per question, one `ROLLOUT_SCHEMA` row per output, in memory.
 
-    sample_groups(sampler, questions, group_size=G, seed=..., run_id=..., policy_version=...) -> pa.Table
+    sample_groups(sampler, questions, prompt_cfg, group_size=G, seed=..., run_id=..., policy_version=...) -> pa.Table
 
 Rows are laid out group after group (`group_index`, then `sample_index` 0..G-1). The caller keeps
 the sampler across steps (tasks/workspace.py: the trainer's live model for `hf`, a long-lived
@@ -14,18 +14,18 @@ import datetime as dt
 import pyarrow as pa
 
 from models.samplers import Sampler
-from problems.datasets import format_prompt
+from problems.prompts import encode_prompts
 from problems.verify import extract_answer, is_correct
 from stages.rollout_store import ROLLOUT_SCHEMA
 
 
-def sample_groups(sampler: Sampler, questions: list[dict], *, group_size: int, seed: int, run_id: str,
-                  policy_version: int) -> pa.Table:
-    """`questions`: problem dicts {id, question, solution, answer}. `policy_version`: GRPO steps the
-    sampling policy has taken (0: the run's starting policy)."""
+def sample_groups(sampler: Sampler, questions: list[dict], prompt_cfg, *, group_size: int, seed: int, run_id: str,
+                  policy_version: int, last_number: bool = False) -> pa.Table:
+    """`questions`: problem dicts {id, question, solution, answer}; `prompt_cfg`: a `PromptConfig`.
+    `policy_version`: GRPO steps the sampling policy has taken (0: the run's starting policy).
+    `last_number`: the verifier's fallback for the `correct` column (`problems.verify`)."""
     tok = sampler.tokenizer
-    prompts = [format_prompt(q["question"]) for q in questions]
-    prompt_ids = tok(prompts)["input_ids"] if prompts else []
+    prompts, prompt_ids = encode_prompts(tok, [q["question"] for q in questions], prompt_cfg)
     comps = sampler.sample(prompt_ids, n=group_size, seed=seed)
     if len(comps) != len(questions) * group_size:
         raise RuntimeError(f"sampler returned {len(comps)} rows for {len(questions)} questions x G={group_size}")
@@ -51,8 +51,8 @@ def sample_groups(sampler: Sampler, questions: list[dict], *, group_size: int, s
             "finish_reason": comp.finish_reason,
             "answer": answer,
             "solution": q.get("solution"),
-            "extracted_answer": extract_answer(text),
-            "correct": is_correct(text, answer),
+            "extracted_answer": extract_answer(text, last_number=last_number),
+            "correct": is_correct(text, answer, last_number=last_number),
             "policy_version": policy_version,
             "sampler_backend": sampler.backend,
             "seed": seed,

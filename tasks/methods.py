@@ -40,7 +40,7 @@ def drop_value_model(run_id: str) -> None:
 @task(cache_policy=NO_CACHE)
 def ground_truth_rows(cfg: PipelineConfig, questions: list[dict], tokenizer: str) -> pa.Table:
     """SFT's step table: the questions' reference solutions; `tokenizer`: a checkpoint whose tokenizer to use."""
-    return method_data.sft_rollouts(questions, WORKSPACE.tokenizer_at(tokenizer, cfg), run_id=cfg.run_id)
+    return method_data.sft_rollouts(questions, WORKSPACE.tokenizer_at(tokenizer, cfg), cfg.prompt, run_id=cfg.run_id)
 
 
 @task(cache_policy=NO_CACHE)

@@ -38,14 +38,17 @@ def evaluate_policy(cfg: PipelineConfig, policy_ckpt: str, test_path: str, k: in
                     sample_questions: int | None = None, temperature: float | None = None) -> Evaluation:
     """Greedy accuracy of the policy at `policy_ckpt` on the held-out split; Pass@K and Maj@K on its
     first `sample_questions` (defaults: `loop.eval_samples`, `loop.eval_sample_questions`,
-    `sampling.temperature`)."""
+    `sampling.temperature`). Up to `loop.eval_max_new_tokens` tokens (default: sampling's)."""
     model, tokenizer, _ = WORKSPACE.policy_at(policy_ckpt, cfg)
     problems = read_problems(Path(test_path))[: cfg.data.test_size]
-    return evaluation.evaluate(
-        model, tokenizer, problems, max_new_tokens=cfg.sampling.max_new_tokens,
-        k=cfg.loop.eval_samples if k is None else k,
-        sample_questions=cfg.loop.eval_sample_questions if sample_questions is None else sample_questions,
-        temperature=cfg.sampling.temperature if temperature is None else temperature, seed=cfg.model.seed)
+    with cfg.model.compute():
+        return evaluation.evaluate(
+            model, tokenizer, problems, cfg.prompt,
+            max_new_tokens=cfg.loop.eval_max_new_tokens or cfg.sampling.max_new_tokens,
+            batch_size=cfg.loop.eval_batch_size, last_number=cfg.reward.verifier.last_number,
+            k=cfg.loop.eval_samples if k is None else k,
+            sample_questions=cfg.loop.eval_sample_questions if sample_questions is None else sample_questions,
+            temperature=cfg.sampling.temperature if temperature is None else temperature, seed=cfg.model.seed)
 
 
 @task(cache_policy=NO_CACHE)

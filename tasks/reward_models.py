@@ -37,9 +37,10 @@ def train_initial_reward_models(cfg: PipelineConfig, run_dir: str, sft_ckpt: str
     model, tokenizer, _ = WORKSPACE.policy_at(sft_ckpt, cfg)
     questions = draw_questions(read_problems(train_path), rm_cfg.init_questions, f"rm-bootstrap-{cfg.data.seed}")
     with cfg.model.compute():
-        samples = sampling.sample_groups(WORKSPACE.sampler_for(cfg, model, tokenizer), questions,
+        samples = sampling.sample_groups(WORKSPACE.sampler_for(cfg, model, tokenizer), questions, cfg.prompt,
                                          group_size=rm_cfg.init_samples_per_question, seed=cfg.model.seed,
-                                         run_id=layout.run_id, policy_version=0)
+                                         run_id=layout.run_id, policy_version=0,
+                                         last_number=cfg.reward.verifier.last_number)
     write_atomic(samples, layout.rm_bootstrap)  # kept for audit: what the first reward models learned from
     reward_training.prepare_rm_data(samples, layout.root, 0, tokenizer=tokenizer, seed=cfg.model.seed)
     paths, metrics = {}, {}

@@ -28,8 +28,9 @@ def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step:
     model, tokenizer, _ = WORKSPACE.policy_at(policy, cfg)
     sampler = WORKSPACE.sampler_for(cfg, model, tokenizer)
     with cfg.model.compute():
-        table = sampling.sample_groups(sampler, questions, group_size=cfg.sampling.group_size,
-                                       seed=cfg.model.seed * 100_003 + step, run_id=cfg.run_id, policy_version=step)
+        table = sampling.sample_groups(sampler, questions, cfg.prompt, group_size=cfg.sampling.group_size,
+                                       seed=cfg.model.seed * 100_003 + step, run_id=cfg.run_id, policy_version=step,
+                                       last_number=cfg.reward.verifier.last_number)
     crash_point("sampling")
     return table
 

@@ -141,12 +141,13 @@ def test_sft_is_rft_on_all_correct_rows(tiny):
 
 def test_method_data_tables(tiny):
     """SFT's ground-truth rows and a pool's slices, as tables, make the update's batch."""
+    from configs.schema import PromptConfig
     from stages import method_data
 
     _, tok = tiny
     qs = [{"id": i, "question": f"Tom has {i} apples and buys 2 more. How many?", "solution": f"{i} + 2 = {i + 2}\n"
            f"#### {i + 2}", "answer": str(i + 2)} for i in range(3)]
-    sft = method_data.sft_rollouts(qs, tok, run_id="r")
+    sft = method_data.sft_rollouts(qs, tok, PromptConfig(), run_id="r")
     assert sft.column("group_index").to_pylist() == [0, 1, 2] and all(sft.column("correct").to_pylist())
     assert sft.column("policy_version").null_count == 3  # no policy sampled them
     batch = method_data.method_batch(sft, 1)

@@ -16,7 +16,7 @@ from models.rewards import (combine_outcome, combine_process, math_shepherd_labe
                             source_weights, steps_from_outcome)
 from stages.reward_training import build_rm_rows, math_shepherd_step_labels, to_examples, train_reward_model
 from stages.rewards import RewardError, align_line_labels, score_rollouts
-from problems.datasets import format_prompt
+from problems.prompts import plain_prompt
 from problems.verify import extract_answer, is_correct
 from stages.rollout_store import ROLLOUT_SCHEMA, SCORE_FIELDS
 
@@ -33,7 +33,7 @@ ANSWER = "36"
 def rollout_rows(tok, completions: list[str], *, question_id: str = "q0", question: str = QUESTION,
                  solution: str = SOLUTION, answer: str = ANSWER, finished: bool = True,
                  run_id: str = "test") -> list[dict]:
-    prompt = format_prompt(question)
+    prompt = plain_prompt(question)
     prompt_ids = tok(prompt)["input_ids"]
     rows = []
     for i, text in enumerate(completions):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from configs.schema import SamplingConfig
+from configs.schema import PromptConfig, SamplingConfig
 from models.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AnswerLineStop, Completion,
                                cut_after_answer_line, generate, sample_completions)
 from models.policy import completion_logprobs
@@ -29,7 +29,7 @@ def sampler(tiny):
 
 
 def sample(sampler, seed):
-    return sample_groups(sampler, QUESTIONS, group_size=CFG.group_size, seed=seed, run_id="run1", policy_version=3)
+    return sample_groups(sampler, QUESTIONS, PromptConfig(), group_size=CFG.group_size, seed=seed, run_id="run1", policy_version=3)
 
 
 @pytest.fixture(scope="module")

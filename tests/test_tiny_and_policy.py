@@ -6,13 +6,13 @@ from models.loading import load_policy
 from models.policy import completion_logprobs, completion_mask, pack, right_to_left
 from models.tiny import build_tiny_model, build_tokenizer
 from problems.arithmetic import VOCAB_WORDS, generate_problems
-from problems.datasets import format_prompt
+from problems.prompts import plain_prompt
 
 
 def test_tokenizer_round_trips_exactly_and_keeps_digits_apart(tiny):
     _, tok = tiny
     for p in generate_problems(20, seed=0):
-        text = format_prompt(p["question"]) + p["solution"]
+        text = plain_prompt(p["question"]) + p["solution"]
         assert tok.decode(tok(text)["input_ids"]) == text
     odd = "Hello, World! x=1,024 -> {ok}\n\tno?"
     assert tok.decode(tok(odd)["input_ids"]) == odd.replace("\t", "<unk>")  # tab is outside the vocabulary
@@ -22,7 +22,7 @@ def test_tokenizer_round_trips_exactly_and_keeps_digits_apart(tiny):
 
 def test_tokenizer_is_about_half_as_long_as_characters(tiny):
     _, tok = tiny
-    texts = [format_prompt(p["question"]) + p["solution"] for p in generate_problems(50, seed=1)]
+    texts = [plain_prompt(p["question"]) + p["solution"] for p in generate_problems(50, seed=1)]
     ratio = sum(len(tok(t)["input_ids"]) for t in texts) / sum(len(t) for t in texts)
     assert ratio < 0.5
 

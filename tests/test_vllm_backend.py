@@ -89,11 +89,12 @@ def test_weights_pushed_in_memory_are_served(engine, tiny, tiny_dir, other_model
 
 
 def test_sample_groups_through_vllm(engine):
+    from configs.schema import PromptConfig
     from stages.rollout_store import ROLLOUT_SCHEMA
     from stages.sampling import sample_groups
 
     cfg, sampler = engine
     qs = [{"id": "a", "question": "Mia has 7 apples.", "solution": "#### 7", "answer": "7"}]
-    t = sample_groups(sampler, qs, group_size=cfg.group_size, seed=3, run_id="r", policy_version=0)
+    t = sample_groups(sampler, qs, PromptConfig(), group_size=cfg.group_size, seed=3, run_id="r", policy_version=0)
     assert t.schema.equals(ROLLOUT_SCHEMA) and t.num_rows == G
     assert set(t.column("sampler_backend").to_pylist()) == {"vllm"}
