@@ -446,7 +446,7 @@ def orchestration(args):
         extra["step_end"].append((time.perf_counter(), time.process_time()))
 
     originals = [(journal_mod, "rollout_metrics"), (journal_mod, "commit"), (tracking, "log_records"),
-                 (RunLayout, "prune_step_checkpoints"), (RunJournal, "save_rollouts"), (RunJournal, "end_step")]
+                 (RunLayout, "prune_checkpoints"), (RunJournal, "save_rollouts"), (RunJournal, "end_step")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in originals]
     orig_end_step = RunJournal.end_step
     stage_tasks = [step_tasks.sample_groups, step_tasks.score_rollouts, step_tasks.compute_advantages,
@@ -517,7 +517,7 @@ def orchestration(args):
                                f"{len(extra['body'])} bodies (a task retried?)")
         times = [b[0] - a[0] for a, b in zip(ends, ends[1:])]  # steps 1..M-1, one full loop iteration each
         cpus = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
-        ex = {k: extra[k][1:M] for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints",
+        ex = {k: extra[k][1:M] for k in ("rollout_metrics", "commit", "log_records", "prune_checkpoints",
                                            "save_rollouts")}
         bodies = extra["body"]
         calls = extra["task_call"]
@@ -533,7 +533,7 @@ def orchestration(args):
            "plain_write": [], "rounds": [], "mlflow_steps_logged": [], "load_before": load_str(),
            "autocast": autocast, "autocast_resolved": resolved, "attn": base.model.attn_implementation,
            "checkpoint_every": base.loop.checkpoint_every, "steps_per_run": M,
-           **{k: [] for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints", "save_rollouts",
+           **{k: [] for k in ("rollout_metrics", "commit", "log_records", "prune_checkpoints", "save_rollouts",
                               "task_runs")}}
     table = None
     for r in range(args.flow_rounds):
@@ -550,7 +550,7 @@ def orchestration(args):
         res["server_cpu_per_run"].append(srv)
         res["flow_total"].append(f_total)
         res["mlflow_steps_logged"].append(logged)
-        for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints", "save_rollouts",
+        for k in ("rollout_metrics", "commit", "log_records", "prune_checkpoints", "save_rollouts",
                   "orchestration", "work", "task_runs", *(f"body_{t.name}" for t in stage_tasks)):
             res.setdefault(k, []).extend(ex[k])
         same = p_out == f_out
@@ -719,7 +719,7 @@ def orchestration_lines(args, v, res, command):
     pl, fw, orch = res["plain"], res["flow"], res["orchestration"]
     mp, mf, direct = med(pl), med(fw), med(orch)
     rounds = res["rounds"]
-    parts = {k: med(res[k]) for k in ("rollout_metrics", "commit", "log_records", "prune_step_checkpoints")}
+    parts = {k: med(res[k]) for k in ("rollout_metrics", "commit", "log_records", "prune_checkpoints")}
     rest = direct - sum(parts.values())
     r_dir = [100 * r["orchestration"] / r["plain"] for r in rounds]
     r_ab = [100 * (r["flow"] - r["plain"]) / r["plain"] for r in rounds]
@@ -763,7 +763,7 @@ def orchestration_lines(args, v, res, command):
              f"{parts['commit'] * 1000:.1f} ms, queueing the step's metrics for MLflow's logging thread "
              f"(`tracking.log_records`, SQLite) {parts['log_records'] * 1000:.1f} ms, rollout_metrics (the table in "
              f"memory) {parts['rollout_metrics'] * 1000:.1f} ms, checkpoint pruning "
-             f"{parts['prune_step_checkpoints'] * 1000:.1f} ms; the log line, the resume check and the loop the rest, "
+             f"{parts['prune_checkpoints'] * 1000:.1f} ms; the log line, the resume check and the loop the rest, "
              f"~{(rest - med(res['task_runs'])) * 1000:.0f} ms (medians)")
     L.append("- the work, medians per step inside the flow: " + ", ".join(
         f"{name} {med(res[f'body_{name}']):.3f} s" for name in ("sample_groups", "score_rollouts",

@@ -129,11 +129,17 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
                 mu: int = 1, eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
                 grad_clip: float = 1.0, micro_batch_size: int = 64) -> dict[str, float]:
     """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps
-    (entropy and the sampler/trainer log-prob gap: from the first, before any update)."""
+    (entropy and the sampler/trainer log-prob gap: from the first, before any update).
+
+    A batch whose advantages are all 0 (every group's outputs scored alike) carries no learning signal:
+    no optimizer step is taken (AdamW would still move the weights by its decay and its momentum of
+    earlier steps), and the metrics say so with `flat_batch_skipped` = 1."""
     if beta > 0 and ref_model is None:
         raise ValueError(f"grpo.beta={beta} needs a reference model")
     if batch.advantages is None:
         raise ValueError("grpo needs batch.advantages (stages.advantages.compute_advantages)")
+    if not bool(batch.advantages.ne(0).any()):
+        return {"flat_batch_skipped": 1.0, "update_seconds": 0.0, "update_tokens_per_s": 0.0}
     t0 = time.perf_counter()
     T = batch.width
     device = next(policy.parameters()).device
@@ -166,6 +172,7 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
             totals[k] = totals.get(k, 0.0) + (v if k in ("entropy", "sampler_logp_gap") else v / mu)
     policy.eval()
     seconds = time.perf_counter() - t0
+    totals["flat_batch_skipped"] = 0.0
     totals["update_seconds"] = seconds
     totals["update_tokens_per_s"] = float(mask.sum()) * mu / max(seconds, 1e-9)
     return totals

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.lora import point_at_base
 from stages.faults import crash_point
+
+OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -49,12 +52,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, src: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """save_pretrained (safetensors) + optional optimizer state, atomically replacing `out`."""
+def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Optimizer | None = None, *,
+                    adapter_base: str | None = None) -> Path:
+    """save_pretrained (safetensors) + optional optimizer state, atomically replacing `out`. A LoRA
+    policy (`adapter_base`: its base folder) saves its adapters only, pointing at the base."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    model.save_pretrained(tmp)
+    if adapter_base is not None:
+        point_at_base(model, adapter_base, tmp)
+        # The embeddings are never adapted; without this peft looks for the base's config relative to the cwd.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if optimizer is not None:
         save_optimizer(optimizer, tmp)
@@ -64,11 +74,21 @@ def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Op
 
 
 def copy_checkpoint(src: str | Path, out: str | Path, *, with_optimizer: bool = True) -> Path:
-    """A copy of checkpoint `src` at `out` (without the optimizer state unless `with_optimizer`)."""
+    """A copy of checkpoint `src` at `out` (without the optimizer state unless `with_optimizer`). `src` is a
+    folder or a hub id, taken from the local Hugging Face cache (downloaded unless HF_HUB_OFFLINE=1)."""
+    if not Path(src).is_dir():
+        from huggingface_hub import snapshot_download
+
+        src = snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    skip = () if with_optimizer else ("optimizer.safetensors", "optimizer.json")
+    skip = () if with_optimizer else OPTIMIZER_FILES
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
     _swap_into_place(tmp, out)
     return out
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes on disk of a checkpoint folder (what a run pays per kept checkpoint)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -10,8 +10,9 @@
         rm_data/iteration=<k>/part.parquet        reward-model training rows of data iteration k (replay source)
         rm_eval/iteration=<k>/part.parquet        their held-out rows
         checkpoints/policy/step=<s>/              the newest committed policy (older ones are pruned)
-        checkpoints/policy/iteration=<k>/         the policy at the end of iteration k
-        checkpoints/reference/iteration=<k>/      pi_ref of iteration k (iteration 0: the SFT start)
+        checkpoints/policy/iteration=<k>/         the policy at the end of iteration k (full weights; under
+                                                  LoRA the merged export), pi_ref of iteration k+1
+        checkpoints/reference/iteration=0/        pi_ref of iteration 0: the run's start (weights only)
         checkpoints/{outcome,process}_rm/iteration=<k>/   reward models after data iteration k
         checkpoints/control_sft/                  the time-matched SFT control
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from configs import UserError
 from configs.schema import RUN_ID_PATTERN
+from stages.checkpoints import OPTIMIZER_FILES
 
 RM_KIND_DIRS = {"outcome": "outcome_rm", "process": "process_rm"}
 
@@ -120,11 +122,19 @@ class RunLayout:
         return str(inside) if not Path(ref).is_absolute() and inside.exists() else ref
 
     # ---- housekeeping ----------------------------------------------------------------------------
-    def prune_step_checkpoints(self, keep: Path) -> None:
-        """Step checkpoints exist for resume: only the committed one is kept."""
-        for old in (self.root / "checkpoints" / "policy").glob("step=*"):
-            if old.resolve() != Path(keep).resolve():
+    def prune_checkpoints(self, keep: Path) -> None:
+        """After `keep` is committed: step checkpoints exist for resume, so only `keep` stays of them; the
+        optimizer state is needed only to continue from the newest, so the iteration checkpoints (kept as
+        the run's history and references) lose theirs."""
+        keep = Path(keep).resolve()
+        policies = self.root / "checkpoints" / "policy"
+        for old in policies.glob("step=*"):
+            if old.resolve() != keep:
                 shutil.rmtree(old, ignore_errors=True)
+        for old in policies.glob("iteration=*"):
+            if old.resolve() != keep:
+                for name in OPTIMIZER_FILES:
+                    (old / name).unlink(missing_ok=True)
 
     def remove_partial_writes(self) -> list[Path]:
         """Temporaries that a killed process left (dot-prefixed `.name.tmp-*` folders and `.*.tmp` files:

@@ -16,7 +16,6 @@ import pyarrow as pa
 from prefect import get_run_logger
 
 from configs import PipelineConfig
-from stages.checkpoints import copy_checkpoint
 from stages.evaluation import Evaluation
 from stages.faults import crash_point
 from stages.rollout_store import read_rollouts, write_atomic
@@ -24,7 +23,7 @@ from stages.run_layout import RunLayout
 from stages.run_state import MetricRecord, RunState, commit
 from stages.step_metrics import rollout_metrics
 from tasks import tracking
-from tasks.workspace import WORKSPACE
+from tasks.step import merge_adapters
 
 
 class RunJournal:
@@ -37,6 +36,7 @@ class RunJournal:
         self._step_start: tuple[float, float] | None = None
         self._rollouts_done = 0.0
         self._updated_since_commit = False  # the live policy is ahead of the committed checkpoint
+        self._flat_steps = 0  # steps in a row whose groups all scored alike (no optimizer step)
 
     # ---- what the tasks are given -----------------------------------------------------------------
     @property
@@ -67,13 +67,11 @@ class RunJournal:
 
     # ---- the iteration ---------------------------------------------------------------------------
     def refresh_reference(self, iteration: int) -> None:
-        """pi_ref <- pi_theta at the start of iteration `iteration` (a copy on disk without the optimizer,
-        so a resumed iteration keeps the same reference)."""
+        """pi_ref <- pi_theta at the start of iteration `iteration`: the previous iteration's policy
+        checkpoint, which is kept (no copy; under LoRA it is the merged export the new adapters sit on)."""
         if self.state.reference_iteration == iteration:
             return
-        ref = copy_checkpoint(self.layout.path(self.state.policy), self.layout.reference(iteration),
-                              with_optimizer=False)
-        self.commit(reference=self.layout.ref(ref), reference_iteration=iteration)
+        self.commit(reference=self.state.policy, reference_iteration=iteration)
 
     def steps(self, iteration: int) -> range:
         """The global steps of `iteration` that no commit covers yet."""
@@ -96,9 +94,14 @@ class RunJournal:
 
     def checkpoint(self, step: int) -> tuple[str, bool]:
         """(where the policy after `step` goes, whether it is written there): every
-        `loop.checkpoint_every` steps and at the end of each iteration."""
+        `loop.checkpoint_every` steps and at the end of each iteration. An iteration's last step goes
+        straight to the iteration's checkpoint (written once, never copied), except under LoRA, where
+        that is the merged export (`save_iteration_policy`) and the adapters go to a step checkpoint."""
         every, M = self.cfg.loop.checkpoint_every, self.cfg.loop.steps_per_iteration
-        return str(self.layout.policy_step(step)), (step + 1) % every == 0 or (step + 1) % M == 0
+        last = (step + 1) % M == 0
+        out = (self.layout.policy_iteration(step // M) if last and not self.cfg.model.lora.enabled
+               else self.layout.policy_step(step))
+        return str(out), (step + 1) % every == 0 or last
 
     def end_step(self, step: int, rollouts: pa.Table, update: dict[str, float]) -> None:
         """Record the step's metrics and log its line; commit when its checkpoint was written."""
@@ -111,14 +114,32 @@ class RunJournal:
                    "step_seconds": now - t0}
         self.record(step, metrics)
         M = self.cfg.loop.steps_per_iteration
-        get_run_logger().info("iter %d step %d/%d | reward %.3f acc %.3f kl %.4f loss %+.4f | %.1fs", step // M,
-                              step % M + 1, M, metrics["reward_mean"], metrics["accuracy"], metrics.get("kl", 0.0),
-                              metrics.get("loss", 0.0), metrics["step_seconds"])
+        logger = get_run_logger()
+        logger.info("iter %d step %d/%d | reward %.3f acc %.3f flat groups %.2f kl %.4f loss %+.4f | %.1fs%s",
+                    step // M, step % M + 1, M, metrics["reward_mean"], metrics["accuracy"],
+                    metrics["zero_std_group_frac"], metrics.get("kl", 0.0), metrics.get("loss", 0.0),
+                    metrics["step_seconds"], " | no update: every group scored alike" if update["flat_batch_skipped"]
+                    else "")
+        self._warn_if_not_learning(step, bool(update["flat_batch_skipped"]))
         ckpt, saved = self.checkpoint(step)
         self._updated_since_commit = not saved
         if saved:
             self.commit(step=step, policy=self.layout.ref(ckpt))
-            self.layout.prune_step_checkpoints(keep=Path(ckpt))
+            self.layout.prune_checkpoints(keep=Path(ckpt))
+
+    def _warn_if_not_learning(self, step: int, flat: bool) -> None:
+        """Said out loud, in the log and as an MLflow tag: steps in a row that learned nothing because
+        every group's outputs scored alike (all wrong: the task is too hard for the policy, or the verifier
+        cannot read its answers; all right: too easy)."""
+        self._flat_steps = self._flat_steps + 1 if flat else 0
+        if self._flat_steps == self.cfg.grpo.warn_after_flat_steps:
+            message = (f"{self._flat_steps} steps in a row (to step {step}) learned nothing: in every group all "
+                       f"{self.cfg.sampling.group_size} outputs got the same reward. Look at the rollouts' "
+                       "completions and `extracted_answer`: is the task too hard or too easy for the policy, does "
+                       "the prompt say how to answer (prompt.instruction), can the verifier read the answers "
+                       "(reward.verifier.last_number)?")
+            get_run_logger().warning(message)
+            tracking.set_tags(self.cfg, self.mlflow_run_id, {"warning.not_learning": message})
 
     def eval_due(self, step: int) -> bool:
         """A held-out evaluation every `loop.eval_every` steps (an iteration's end has its own)."""
@@ -153,16 +174,17 @@ class RunJournal:
                     reward_models_data_iteration=data_iteration)
 
     def save_iteration_policy(self, iteration: int) -> str:
-        """The policy at the end of `iteration`, kept (step checkpoints are pruned)."""
+        """The policy at the end of `iteration`, kept (step checkpoints are pruned). Under LoRA: the
+        adapters merged into their base, weights only: the export, and the next iteration's reference."""
         committed = self.layout.path(self.state.policy)
-        kept = str(copy_checkpoint(committed, self.layout.policy_iteration(iteration)))
-        WORKSPACE.policy_copied(committed, kept)
-        return kept
+        if not self.cfg.model.lora.enabled:
+            return committed  # the iteration's last step was written there (`checkpoint`)
+        return merge_adapters(self.cfg, committed, str(self.layout.policy_iteration(iteration)))
 
     def end_iteration(self, iteration: int, policy: str, ev: Evaluation) -> None:
         crash_point("final_eval" if iteration == self.cfg.loop.iterations - 1 else "iteration_eval")
         M = self.cfg.loop.steps_per_iteration
         self.record((iteration + 1) * M, ev.metrics(), prefix="eval/")
         self.commit(iteration=iteration + 1, policy=self.layout.ref(policy), last_eval=ev)
-        self.layout.prune_step_checkpoints(keep=Path(policy))
+        self.layout.prune_checkpoints(keep=Path(policy))
         get_run_logger().info("iteration %d done: %s", iteration, ev.describe())

@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig
 from models.trainer import grpo_update as run_grpo_update
 from stages import advantages, rewards, sampling
-from stages.checkpoints import save_checkpoint
+from models.lora import merged
+from stages.checkpoints import folder_bytes, save_checkpoint
 from stages.faults import crash_point
 from tasks.retries import RETRY
 from tasks.workspace import WORKSPACE
@@ -59,7 +60,8 @@ def compute_advantages(cfg: PipelineConfig, rollouts: pa.Table) -> pa.Table:
 def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.Table,
                 out_ckpt: str, save: bool) -> tuple[str, dict]:
     """mu GRPO updates on the step's batch. The updated policy answers for `out_ckpt` from now on,
-    and is saved there (+ optimizer state) when `save`; unsaved steps are redone after a crash."""
+    and is saved there (+ optimizer state; under LoRA the adapters only) when `save`, its size on disk
+    in the metrics; unsaved steps are redone after a crash."""
     model, tokenizer, optimizer = WORKSPACE.policy_at(policy, cfg)
     ref = WORKSPACE.reference_at(reference, cfg) if cfg.grpo.beta > 0 else None
     g = cfg.grpo
@@ -75,5 +77,15 @@ def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.T
     WORKSPACE.policy_moved_to(out_ckpt)
     crash_point("update")
     if save:
-        save_checkpoint(model, tokenizer, out_ckpt, optimizer)
+        saved = save_checkpoint(model, tokenizer, out_ckpt, optimizer, adapter_base=WORKSPACE.policy_base)
+        metrics["checkpoint_mb"] = folder_bytes(saved) / 2**20
     return out_ckpt, metrics
+
+
+@task(cache_policy=NO_CACHE)
+def merge_adapters(cfg: PipelineConfig, policy: str, out_ckpt: str) -> str:
+    """The LoRA policy at `policy` with its adapters folded into the base, saved (weights only) at `out_ckpt`."""
+    model, tokenizer, _ = WORKSPACE.policy_at(policy, cfg)
+    WORKSPACE.forget_policy()  # merging spends the live adapters: the next request loads from disk
+    save_checkpoint(merged(model), tokenizer, out_ckpt)
+    return out_ckpt

@@ -137,6 +137,12 @@ def send_missing(cfg: PipelineConfig, mlflow_run_id: str, records: list[MetricRe
     return len(missing)
 
 
+def set_tags(cfg: PipelineConfig, mlflow_run_id: str, tags: dict[str, str]) -> None:
+    client = client_for(cfg)
+    for key, value in tags.items():
+        client.set_tag(mlflow_run_id, key, value)
+
+
 def log_artifact(cfg: PipelineConfig, mlflow_run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client = client_for(cfg)
     if Path(path).is_dir():

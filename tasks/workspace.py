@@ -14,6 +14,7 @@ import torch
 
 from configs import PipelineConfig
 from models.loading import load_policy, load_tokenizer
+from models.lora import AdaptersOff, add_adapters, base_of, is_adapter_checkpoint, load_adapters, trainable_parameters
 from models.reward_model import ValueHeadRewardModel
 from models.samplers import make_sampler
 from stages.checkpoints import load_optimizer
@@ -23,6 +24,7 @@ class Workspace:
     def __init__(self) -> None:
         self.policy = self.tokenizer = self.optimizer = None
         self.policy_ckpt: str | None = None
+        self.policy_base: str | None = None  # under LoRA: the folder of the frozen base the adapters sit on
         self.reference = None
         self.reference_ckpt: str | None = None
         self.sampler = None
@@ -34,13 +36,32 @@ class Workspace:
     def _load(self, ckpt: str, cfg: PipelineConfig):
         return load_policy(str(ckpt), **cfg.model.load_kwargs())
 
+    def _load_trainable(self, ckpt: str, cfg: PipelineConfig):
+        """The policy at `ckpt` as it trains: an adapter checkpoint on its base; under LoRA a full model
+        gets fresh adapters (B = 0, so it computes the same function); gradient checkpointing when asked."""
+        if is_adapter_checkpoint(ckpt):
+            self.policy_base = base_of(ckpt)
+            base, _ = self._load(self.policy_base, cfg)
+            model, tokenizer = load_adapters(base, ckpt), load_tokenizer(
+                ckpt, trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            model, tokenizer = self._load(ckpt, cfg)
+            self.policy_base = None
+            if cfg.model.lora.enabled:
+                self.policy_base = ckpt
+                model = add_adapters(model, cfg.model.lora, seed=cfg.model.seed)
+        if cfg.model.gradient_checkpointing:
+            # Non-reentrant: recomputes under autocast and with frozen (LoRA) inputs without extra hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, tokenizer
+
     def policy_at(self, ckpt: str | Path, cfg: PipelineConfig):
         """(model, tokenizer, optimizer) at `ckpt`; the optimizer state comes back when saved there."""
         ckpt = str(ckpt)
         if self.policy_ckpt != ckpt:
-            self.policy, self.tokenizer = self._load(ckpt, cfg)
+            self.policy, self.tokenizer = self._load_trainable(ckpt, cfg)
             self.policy.eval()
-            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.grpo.lr,
+            self.optimizer = torch.optim.AdamW(trainable_parameters(self.policy), lr=cfg.grpo.lr,
                                                weight_decay=cfg.grpo.weight_decay)
             if (Path(ckpt) / "optimizer.safetensors").exists():
                 load_optimizer(self.optimizer, Path(ckpt))
@@ -57,12 +78,6 @@ class Workspace:
         if ckpt not in self.tokenizers:
             self.tokenizers[ckpt] = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
         return self.tokenizers[ckpt]
-
-    def policy_copied(self, src: str | Path, dst: str | Path) -> None:
-        """Checkpoint `src` was copied to `dst`: if the live policy is `src`, it answers for `dst` now
-        (no reload of the same weights at the next iteration)."""
-        if self.policy_ckpt == str(src):
-            self.policy_ckpt = str(dst)
 
     def forget_policy(self) -> None:
         """The live policy answers for no checkpoint any more (the next request loads from disk)."""
@@ -95,8 +110,11 @@ class Workspace:
         return self.reward_models[name][1]
 
     def reference_at(self, ckpt: str | Path, cfg: PipelineConfig):
-        """The frozen reference model at `ckpt` (a copy of the live policy when that is what it is)."""
+        """The frozen reference model at `ckpt`: under LoRA the live policy with its adapters off when
+        `ckpt` is its base (no second copy), else a copy of the live policy when that is what it is."""
         ckpt = str(ckpt)
+        if self.policy_base is not None and Path(self.policy_base).resolve() == Path(ckpt).resolve():
+            return AdaptersOff(self.policy)
         if self.reference_ckpt != ckpt:
             if self.policy_ckpt == ckpt:
                 self.reference = copy.deepcopy(self.policy)

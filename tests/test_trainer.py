@@ -167,3 +167,17 @@ def test_autocast_context_sees_every_optimizer_step(tiny_dir):
         fresh = model(input_ids=ids).logits  # float32, outside autocast, with the stepped weights
     assert before.dtype == torch.float32 and not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh, atol=0.1, rtol=0.05)  # bf16 rounding only
+
+
+def test_a_batch_with_all_advantages_zero_takes_no_optimizer_step(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    batch = _batch(tok)
+    batch.advantages = torch.zeros(len(batch))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)  # decay alone would move every weight
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    metrics = grpo_update(m, opt, batch, pad_id=tok.pad_token_id, ref_model=model, beta=0.04)
+    assert metrics["flat_batch_skipped"] == 1.0 and not opt.state
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    batch.advantages[2] = 0.5
+    assert grpo_update(m, opt, batch, pad_id=tok.pad_token_id, ref_model=model, beta=0.04)["flat_batch_skipped"] == 0.0
