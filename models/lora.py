@@ -83,3 +83,23 @@ class AdaptersOff(torch.nn.Module):
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     """What the optimizer updates: every parameter that takes a gradient (the adapters under LoRA)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The merged weights under the base model's own names, without touching `peft_model` (merging in
+    place and unmerging again would leave rounding in the base, which is the reference): what a sampler
+    engine that knows nothing of adapters (vLLM) is sent after each update."""
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.get_base_model()
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for pname, value in module.base_layer.named_parameters(recurse=False):
+                full = f"{name}.{pname}"
+                state[full] = value + module.get_delta_weight("default") if pname == "weight" else value
+    for name, value in model.state_dict().items():
+        if "lora_" not in name and ".base_layer." not in name:
+            state.setdefault(name, value)
+    return state

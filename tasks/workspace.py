@@ -14,7 +14,8 @@ import torch
 
 from configs import PipelineConfig
 from models.loading import load_policy, load_tokenizer
-from models.lora import AdaptersOff, add_adapters, base_of, is_adapter_checkpoint, load_adapters, trainable_parameters
+from models.lora import (AdaptersOff, add_adapters, base_of, is_adapter_checkpoint, load_adapters, merged_state_dict,
+                         trainable_parameters)
 from models.reward_model import ValueHeadRewardModel
 from models.samplers import make_sampler
 from stages.checkpoints import load_optimizer
@@ -96,7 +97,7 @@ class Workspace:
                                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
             self.sampler_backend = cfg.sampling.backend
         elif self.sampler_ckpt != self.policy_ckpt and self.sampler_backend != "hf":
-            self.sampler.update_weights(model)
+            self.sampler.update_weights(merged_state_dict(model) if self.policy_base is not None else model)
         self.sampler_ckpt = self.policy_ckpt
         return self.sampler
 

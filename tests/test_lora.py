@@ -71,3 +71,17 @@ def test_merged_export_computes_what_the_adapted_policy_computes(tiny_dir):
     plain = merged(policy)
     assert not hasattr(plain, "peft_config")
     torch.testing.assert_close(_logp(plain), want, atol=1e-5, rtol=0)
+
+
+def test_merged_state_dict_is_the_merged_models_and_leaves_the_policy_untouched(tiny_dir):
+    from models.lora import merged_state_dict
+
+    policy, _, _ = _trained_lora(tiny_dir)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    state = merged_state_dict(policy)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    plain = merged(policy)
+    want = plain.state_dict()
+    assert state.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(state[k], want[k], atol=1e-6, rtol=0)
