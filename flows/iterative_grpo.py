@@ -1,6 +1,6 @@
 """Iterative GRPO (DeepSeekMath, Algorithm 1) as Prefect flows.
 
-    policy <- SFT warm start
+    policy <- SFT warm start (or model.policy as given: sft.steps: 0)
     for iteration k = 1..I:                                   subflow "iteration-k"
         reference <- policy
         for step = 1..M:
@@ -39,6 +39,7 @@ from stages.run_state import (MetricRecord, RunState, check_same_config, commit,
 from tasks import tracking
 from tasks.journal import RunJournal
 from tasks.prefect_runs import mark_crashed_flow_runs, reap_temporary_server_with_this_process, run_tag
+from stages.prepare import start_label
 from tasks.prepare import build_initial_policy, evaluate_policy, prepare_data, sft_control
 from tasks.report import iteration_report
 from tasks.reward_models import reward_models_needed, retrain_reward_models, train_initial_reward_models
@@ -184,8 +185,8 @@ def summarize(cfg: PipelineConfig, state: RunState, layout: RunLayout, mlflow_ru
                "final_accuracy": final.accuracy, "policy": layout.path(state.policy), "run_dir": str(layout.root),
                "rl_seconds": state.rl_seconds, "rl_cpu_seconds": state.rl_cpu_seconds,
                "initial_eval": state.initial_eval, "final_eval": final,
-               "sampled": sampled_summary(state.initial_eval, final)}
-    report = (f"# Run {cfg.run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT) -> "
+               "sampled": sampled_summary(state.initial_eval, final), "start": start_label(cfg)}
+    report = (f"# Run {cfg.run_id}\n\nHeld-out greedy accuracy: {summary['initial_accuracy']:.3f} ({summary['start']}) -> "
               f"{summary['final_accuracy']:.3f} after {cfg.loop.iterations} iteration(s) "
               f"({summary['rl_seconds']:.0f} s of RL){summary['sampled']}.\n")
     if state.control_accuracy is not None:
@@ -212,7 +213,7 @@ def print_summary(cfg: PipelineConfig, summary: dict) -> None:
         control = (f"\nControl: the same {summary['rl_cpu_seconds']:.0f} CPU seconds spent continuing SFT from the "
                    f"same start reach {summary['control_sft_accuracy']:.3f}")
     print(f"""
-Held-out greedy accuracy: {summary['initial_accuracy']:.3f} (SFT policy) -> {summary['final_accuracy']:.3f} \
+Held-out greedy accuracy: {summary['initial_accuracy']:.3f} ({summary['start']}) -> {summary['final_accuracy']:.3f} \
 after {summary['rl_seconds']:.0f} s of RL{summary['sampled']}{control}
   rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration and step)
   checkpoints:  {summary['run_dir']}/checkpoints/

@@ -85,6 +85,17 @@ def _save_sft_checkpoint(partial: Path, step: int, model, tokenizer, optimizer, 
     crash_point("sft")
 
 
+def warm_started(cfg: PipelineConfig) -> bool:
+    """Whether RL starts from an SFT warm start (else from `model.policy` as given: `sft.steps: 0`, or a
+    real model on a dataset without the built-in task's worked solutions)."""
+    return cfg.sft.steps > 0 and (cfg.model.policy == TINY or cfg.data.prompt_set == "arithmetic")
+
+
+def start_label(cfg: PipelineConfig) -> str:
+    """What run summaries call the policy RL started from."""
+    return "SFT policy" if warm_started(cfg) else "start policy"
+
+
 def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
     """The policy RL starts from.
 
@@ -97,7 +108,7 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
     steps there; a killed one resumes from its last checkpoint and ends with the same weights, to
     the bit, as one never stopped. The folder gets its final name only once complete.
     """
-    if cfg.model.policy != TINY and (cfg.sft.steps == 0 or cfg.data.prompt_set != "arithmetic"):
+    if not warm_started(cfg) and cfg.model.policy != TINY:
         return cfg.model.policy
     out = _sft_dir(cfg)
     if (out / "sft.json").exists():

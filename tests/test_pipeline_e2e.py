@@ -28,7 +28,7 @@ TINY_RUN = [
 STEP_METRICS = ["reward_mean", "reward_std", "accuracy", "zero_std_group_frac", "advantage_mean", "advantage_abs_mean",
                 "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "loss", "grad_norm",
                 "completion_length_mean", "truncation_rate", "update_tokens_per_s", "rollout_seconds",
-                "update_step_seconds", "step_seconds", "sampler_logp_gap"]
+                "update_step_seconds", "step_seconds", "sampler_logp_gap", "flat_batch_skipped"]
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +96,20 @@ def test_outcome_pipeline_with_a_retrained_reward_model(prefect_api, tmp_path):
         assert frac.value == pytest.approx(rep.value / (new.value + rep.value))
     assert (run_dir / "checkpoints/outcome_rm/iteration=2").is_dir()
 
-    # Reference refresh: reference == policy at the start of each iteration, and differs after updates.
+    # Reference refresh: iteration 1's reference is iteration 0's policy checkpoint itself (no copy), the
+    # policy moved away from it; each checkpoint is written once and only the newest keeps optimizer state.
     state = read_state(layout)
-    sft = _weights(layout.reference(0))
+    assert state.reference == "checkpoints/policy/iteration=0" and state.reference_iteration == 1
     policy0, policy1 = _weights(run_dir / "checkpoints/policy/iteration=0"), _weights(summary["policy"])
-    ref0, ref1 = (_weights(run_dir / f"checkpoints/reference/iteration={k}") for k in (0, 1))
-    assert all(torch.equal(ref0[k], sft[k]) for k in sft)
-    assert all(torch.equal(ref1[k], policy0[k]) for k in policy0)
-    assert any(not torch.equal(ref1[k], policy1[k]) for k in policy1)  # the policy moved in iteration 1
+    assert any(not torch.equal(policy0[k], policy1[k]) for k in policy1)  # the policy moved in iteration 1
     assert state.iteration == 2 and state.step == 3
+    assert summary["policy"] == str(run_dir / "checkpoints/policy/iteration=1")
+    assert sorted(p.name for p in (run_dir / "checkpoints/policy").iterdir()) == ["iteration=0", "iteration=1"]
+    assert not (run_dir / "checkpoints/policy/iteration=0/optimizer.safetensors").exists()
+    assert (run_dir / "checkpoints/policy/iteration=1/optimizer.safetensors").exists()
+    assert not (layout.reference(0) / "optimizer.safetensors").exists()
+    sizes = [m.value for m in client.get_metric_history(run.info.run_id, "checkpoint_mb")]
+    assert len(sizes) == 4 and all(s > 0 for s in sizes)
 
     # The time-matched SFT control ran and was logged next to the RL result.
     assert 0.0 <= summary["control_sft_accuracy"] <= 1.0
