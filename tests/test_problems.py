@@ -86,7 +86,7 @@ def test_gsm8k_loader_strips_calculator_annotations(tmp_path):
 
 
 @pytest.mark.parametrize("bad,msg", [
-    ({"question": "Q?", "answer": "24"}, "no '####' line"),
+    ({"question": "Q?", "answer": "She has 24 left"}, "no '####' line"),
     ({"question": "Q?", "answer": "#### lots"}, "holds no number"),
     ({"answer": "#### 3"}, "missing or non-text field"),
     ("{not json", "not valid JSON"),
