@@ -80,7 +80,7 @@ _RELATIVE_TOLERANCE = Fraction(1, 10**6)
 class _Answer(NamedTuple):
     text: str                # canonical form
     symbolic: str | None     # the LaTeX math-verify parsed, when it was not a plain value
-    start: int = 0           # where the answer's form starts in the completion
+    start: int               # where the answer's form starts in the completion
 
 
 # ---------------------------------------------------------------- numbers and their canonical text
@@ -292,6 +292,8 @@ def _symbolic_parse(latex: str):
 
 
 def _safe_to_evaluate(expr) -> bool:
+    """False for what sympy could spend minutes on: a power above 100 or not a number (`9^{9^9}`),
+    an integer above 10^100, a factorial or gamma."""
     import sympy
 
     for node in sympy.preorder_traversal(expr):
