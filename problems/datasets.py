@@ -9,9 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from problems import gsm_symbolic
 from problems.arithmetic import Difficulty, generate_splits
 from problems.gsm8k import DatasetError, load_gsm8k
 
+# The prompt sets generated in code; any other `data.prompt_set` is a GSM8K-format file.
+BUILT_IN = ("arithmetic", "gsm_symbolic")
 PROBLEM_SCHEMA = pa.schema(
     [("id", pa.string()), ("question", pa.string()), ("solution", pa.string()), ("answer", pa.string())]
 )
@@ -44,9 +47,10 @@ def _file_sha256(path: str, field: str) -> str:
 
 def split_key(data_cfg) -> str:
     """The name of the splits' folder: a hash of `data_cfg`, and for GSM8K-format files of their
-    content too, so a file edited in place makes new splits instead of reusing the old ones."""
+    content too, so a file edited in place makes new splits instead of reusing the old ones. The
+    built-in sets are keyed by the config alone."""
     fields = data_cfg.model_dump()
-    if data_cfg.prompt_set != "arithmetic":
+    if data_cfg.prompt_set not in BUILT_IN:
         fields["content_sha256"] = {field: _file_sha256(path, f"data.{field}")
                                     for field, path in (("prompt_set", data_cfg.prompt_set),
                                                         ("test_set", data_cfg.test_set)) if path}
@@ -68,6 +72,8 @@ def load_splits(data_cfg) -> tuple[list[dict], list[dict]]:
         return generate_splits(
             data_cfg.train_size, data_cfg.test_size, data_cfg.seed, Difficulty(**data_cfg.arithmetic.model_dump())
         )
+    if data_cfg.prompt_set == "gsm_symbolic":
+        return gsm_symbolic.generate_splits(data_cfg.train_size, data_cfg.test_size, data_cfg.seed)
     train = _load_gsm8k_field(data_cfg, "prompt_set")
     if data_cfg.test_set:
         test = _load_gsm8k_field(data_cfg, "test_set")[: data_cfg.test_size]
