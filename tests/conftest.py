@@ -48,6 +48,15 @@ def tiny(tiny_dir):
     return model, tok
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API server for the whole session (starting one takes ~25 s on two cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: tiny models on a shared 2-core CPU run ~6x slower with two spinning threads."""

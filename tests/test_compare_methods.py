@@ -166,13 +166,6 @@ TINY = ["sft.steps=30", "data.train_size=300", "data.test_size=16", "loop.steps_
         "loop.eval_samples=4", "loop.eval_sample_questions=4", "threads=1"]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 @pytest.fixture(scope="module")
 def compared(prefect_api, tmp_path_factory):

@@ -58,6 +58,10 @@ def test_shipped_configs_load():
     gpu = load_config("configs/gsm8k-qwen2.5-0.5b.yaml")
     assert demo.model.policy == "tiny"
     assert gpu.sampling.backend == "vllm" and gpu.grpo.beta == 0.04 and gpu.grpo.lr == 1e-6
+    lora = load_config("configs/gsm8k-qwen2.5-1.5b-lora.yaml")
+    assert lora.model.lora.enabled and lora.prompt.format == "chat" and lora.sft.steps == 0
+    cpu = load_config("configs/smollm2-cpu.yaml")
+    assert cpu.model.lora.enabled and cpu.prompt.format == "chat" and cpu.reward.verifier.last_number
 
 
 def test_flat_view_for_mlflow_params():

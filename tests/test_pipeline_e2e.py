@@ -31,13 +31,6 @@ STEP_METRICS = ["reward_mean", "reward_std", "accuracy", "zero_std_group_frac", 
                 "update_step_seconds", "step_seconds", "sampler_logp_gap", "flat_batch_skipped"]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def _config(root, *extra):
     return load_config(ROOT / "configs/demo.yaml", [f"storage.artifacts_root={root}", *TINY_RUN, *extra])

@@ -13,13 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def test_resume_marks_crashed_only_the_dead_processes_flow_runs_of_the_run(prefect_api, monkeypatch):
     """Flow runs of run r1 a killed process left RUNNING, or waiting to retry after they had started,

@@ -39,12 +39,10 @@ CHAIN = ["sft@2", "initial_rm", "sampling", "scoring", "advantages", "update", "
 
 
 @pytest.fixture(scope="module")
-def api_url():
+def api_url(prefect_api):
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    return PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
