@@ -20,6 +20,7 @@ import torch
 from configs import PipelineConfig
 from models.generation import generate
 from models.loading import load_policy
+from models.lora import add_adapters, merged
 from models.sft import sft_optimizer, train_sft
 from models.tiny import save_tiny
 from problems.arithmetic import VOCAB_WORDS
@@ -195,17 +196,21 @@ def continue_sft(cfg: PipelineConfig, start: str | Path, seconds: float, out: Pa
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         rate = meta["steps"] / meta["seconds"] if meta.get("seconds") else None
-    steps = max(1, int(seconds * rate)) if rate else max(1, cfg.sft.steps)
+    # Without a measured speed (a model that had no warm start here) the schedule's horizon is never
+    # reached: a constant rate until the time is spent.
+    steps = max(1, int(seconds * rate)) if rate else 10**9
+    if cfg.model.lora.enabled:  # the control trains what RL trains: adapters, merged at the end
+        model = add_adapters(model, cfg.model.lora, seed=cfg.model.seed)
     with cfg.model.compute():
         losses = train_sft(model, sft_examples(cfg, tok), pad_id=tok.pad_token_id, steps=steps,
                            batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, warmup_steps=0, seed=cfg.model.seed + 1,
                            max_seconds=seconds, clock=time.process_time)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    (merged(model) if cfg.model.lora.enabled else model).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "sft.json").write_text(json.dumps({"source": str(start), "steps": len(losses), "seconds": seconds,
-                                              "planned_steps": steps}, indent=1))
+                                              "planned_steps": steps if rate else None}, indent=1))
     shutil.rmtree(out, ignore_errors=True)  # an `out` without sft.json is no result
     tmp.rename(out)
     crash_point("sft_control")
