@@ -25,10 +25,18 @@ def preflight(cfg: PipelineConfig) -> None:
     (`model.policy`) has a config, a tokenizer and weights, and the GSM8K-format data files decode and
     hold enough well-formed problems for both splits. Raises a `UserError` naming the field and file."""
     from models.loading import check_model_source
-    from problems.datasets import load_splits
+    from problems.datasets import BUILT_IN, load_splits
 
     check_model_source(cfg.model.policy)
-    if cfg.data.prompt_set != "arithmetic":  # the built-in task is generated, so it cannot be malformed
+    if cfg.data.prompt_set == "gsm_symbolic":  # generated, so it cannot be malformed; needs its extra
+        import importlib.util
+
+        from problems.gsm_symbolic import MISSING
+        from problems.gsm8k import DatasetError
+
+        if importlib.util.find_spec("reasoning_gym") is None:
+            raise DatasetError(MISSING)
+    elif cfg.data.prompt_set not in BUILT_IN:
         load_splits(cfg.data)
 
 

@@ -37,6 +37,13 @@ def plain_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:\n"
 
 
+def stop_marker(tokenizer, prompt_cfg) -> str | None:
+    """Where sampling may stop before EOS: plain prompts at the end of the `####` answer line (the built-in
+    task's and GSM8K's solutions end there, and a base model would go on writing); a chat model ends its
+    turn with EOS, and may write `####` as a markdown heading in the middle of its answer."""
+    return "####" if prompt_format(tokenizer, prompt_cfg) == PLAIN else None
+
+
 def _messages(question: str, prompt_cfg) -> list[dict[str, Any]]:
     user = question if not prompt_cfg.instruction else f"{question}\n\n{prompt_cfg.instruction}"
     system = [{"role": "system", "content": prompt_cfg.system}] if prompt_cfg.system else []

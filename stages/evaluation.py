@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from models.eval_metrics import maj_at_k, mean_pass_at_k_unbiased, pass_at_k
 from models.generation import sample_completions
-from problems.prompts import encode_prompts
-from problems.verify import ANSWER_MARK, extract_answer
+from problems.prompts import encode_prompts, stop_marker
+from problems.verify import canonical_answer, extract_answer
 from stages.prepare import greedy_accuracy
 
 
@@ -30,12 +30,13 @@ def sampled_metrics(model, tokenizer, problems: list[dict], prompt_cfg, *, k: in
     model.eval()
     _, prompts = encode_prompts(tokenizer, [p["question"] for p in problems], prompt_cfg)
     outs = sample_completions(model, tokenizer, prompts, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                              batch_size=batch_size, seed=seed, stop_marker=ANSWER_MARK)
+                              batch_size=batch_size, seed=seed,
+                              stop_marker=stop_marker(tokenizer, prompt_cfg))
     model.train(was_training)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     answers = [[extract_answer(t, last_number=last_number) for t in texts[i * k:(i + 1) * k]]
                for i in range(len(problems))]
-    truth = [extract_answer(f"{ANSWER_MARK} {p['answer']}") for p in problems]
+    truth = [canonical_answer(str(p["answer"])) for p in problems]
     correct = [[a is not None and a == t for a in row] for row, t in zip(answers, truth)]
     return {
         f"pass_at_{k}": pass_at_k(correct),

@@ -24,9 +24,9 @@ from models.lora import add_adapters, merged
 from models.sft import sft_optimizer, train_sft
 from models.tiny import save_tiny
 from problems.arithmetic import VOCAB_WORDS
-from problems.datasets import prepare_splits, read_problems, split_key
-from problems.prompts import encode_prompts, encode_sft_examples
-from problems.verify import ANSWER_MARK, extract_answer, is_correct
+from problems.datasets import BUILT_IN, prepare_splits, read_problems, split_key
+from problems.prompts import encode_prompts, encode_sft_examples, stop_marker
+from problems.verify import extract_answer, is_correct
 from stages.checkpoints import load_optimizer, save_optimizer
 from stages.faults import crash_point
 
@@ -88,8 +88,8 @@ def _save_sft_checkpoint(partial: Path, step: int, model, tokenizer, optimizer, 
 
 def warm_started(cfg: PipelineConfig) -> bool:
     """Whether RL starts from an SFT warm start (else from `model.policy` as given: `sft.steps: 0`, or a
-    real model on a dataset without the built-in task's worked solutions)."""
-    return cfg.sft.steps > 0 and (cfg.model.policy == TINY or cfg.data.prompt_set == "arithmetic")
+    real model on a data file, whose solutions may be bare answers)."""
+    return cfg.sft.steps > 0 and (cfg.model.policy == TINY or cfg.data.prompt_set in BUILT_IN)
 
 
 def start_label(cfg: PipelineConfig) -> str:
@@ -161,12 +161,12 @@ def initial_policy(cfg: PipelineConfig, progress=None) -> Path | str:
 def greedy_accuracy(model, tokenizer, problems: list[dict], prompt_cfg, *, max_new_tokens: int, batch_size: int = 256,
                     last_number: bool = False) -> dict:
     """Held-out greedy accuracy (plus answer rate and mean length) of `model` on `problems`. A row stops at
-    EOS or once its `####` answer line has ended."""
+    EOS or, for plain prompts, once its `####` answer line has ended (`problems.prompts.stop_marker`)."""
     was_training = model.training
     model.eval()
     _, prompts = encode_prompts(tokenizer, [p["question"] for p in problems], prompt_cfg)
     outs = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    stop_marker=ANSWER_MARK)
+                    stop_marker=stop_marker(tokenizer, prompt_cfg))
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     correct = [is_correct(t, p["answer"], last_number=last_number) for t, p in zip(texts, problems)]
     model.train(was_training)

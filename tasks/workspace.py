@@ -18,6 +18,7 @@ from models.lora import (AdaptersOff, add_adapters, base_of, is_adapter_checkpoi
                          trainable_parameters)
 from models.reward_model import ValueHeadRewardModel
 from models.samplers import make_sampler
+from problems.prompts import stop_marker
 from stages.checkpoints import load_optimizer
 
 
@@ -94,7 +95,8 @@ class Workspace:
         if self.sampler is None:
             self.sampler = make_sampler(cfg.sampling, self.policy_ckpt, model=model, tokenizer=tokenizer,
                                         device=cfg.model.device, dtype=cfg.model.dtype,
-                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
+                                        stop_marker=stop_marker(tokenizer, cfg.prompt))
             self.sampler_backend = cfg.sampling.backend
         elif self.sampler_ckpt != self.policy_ckpt and self.sampler_backend != "hf":
             self.sampler.update_weights(merged_state_dict(model) if self.policy_base is not None else model)

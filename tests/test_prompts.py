@@ -58,3 +58,11 @@ def test_sft_examples_are_prompted_as_rl_samples_and_end_with_eos(chat_tok):
     assert prompt == encode_prompts(chat_tok, ["Q?"], cfg)[1][0]
     assert target[-1] == chat_tok.eos_token_id
     assert chat_tok.decode(target[:-1]) == "1+1=2\n#### 2"
+
+
+def test_only_plain_prompts_stop_at_the_answer_line(tiny, chat_tok):
+    from problems.prompts import stop_marker
+
+    assert stop_marker(tiny[1], PromptConfig()) == "####"
+    assert stop_marker(chat_tok, PromptConfig()) is None  # auto -> chat: a '####' heading must not end the turn
+    assert stop_marker(chat_tok, PromptConfig(format="plain")) == "####"
