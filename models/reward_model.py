@@ -84,6 +84,10 @@ class ValueHeadRewardModel(nn.Module):
             backbone = AutoModel.from_pretrained(str(policy), dtype=DTYPES[dtype],
                                                  trust_remote_code=trust_remote_code).to(device)
         else:
+            if hasattr(policy, "peft_config"):  # a LoRA policy: its function, adapters merged into a copy
+                from models.lora import merged
+
+                policy = merged(copy.deepcopy(policy))
             backbone = copy.deepcopy(policy.base_model)
         if pad_id is None:
             pad_id = backbone.config.pad_token_id

@@ -85,3 +85,12 @@ def test_merged_state_dict_is_the_merged_models_and_leaves_the_policy_untouched(
     assert state.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(state[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_a_reward_model_from_a_lora_policy_starts_from_its_merged_backbone(tiny_dir):
+    from models.reward_model import ValueHeadRewardModel
+
+    policy, _, _ = _trained_lora(tiny_dir)
+    rm = ValueHeadRewardModel.from_policy(policy, "outcome")
+    assert not any("lora_" in n for n, _ in rm.named_parameters())
+    assert hasattr(policy, "peft_config") and any("lora_" in n for n, _ in policy.named_parameters())  # untouched
