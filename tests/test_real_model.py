@@ -34,9 +34,9 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def batch(smollm2):
-    """A group of 2 greedy and sampled answers per question, with advantages that are not all 0."""
+    """A group of a greedy and a sampled answer to one question, with advantages that are not all 0."""
     model, tok = smollm2
-    _, prompts = encode_prompts(tok, QUESTIONS, PromptConfig(format="chat"))
+    _, prompts = encode_prompts(tok, QUESTIONS[:1], PromptConfig(format="chat"))
     torch.manual_seed(0)
     comps = []
     for p in prompts:
@@ -45,7 +45,7 @@ def batch(smollm2):
                                  pad_token_id=tok.pad_token_id)
             comps.append(out[0, len(p):].tolist())
     return UpdateBatch([p for p in prompts for _ in range(2)], comps, group_size=2,
-                       advantages=torch.tensor([1.0, -1.0, -1.0, 1.0]))
+                       advantages=torch.tensor([1.0, -1.0]))
 
 
 @pytest.mark.parametrize("precision", ["none", "bfloat16"])
