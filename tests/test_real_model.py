@@ -85,7 +85,7 @@ def _run(root, run_id, *extra):
     from flows.iterative_grpo import iterative_grpo
 
     cfg = load_config(ROOT / "configs/smollm2-cpu.yaml", [
-        f"storage.artifacts_root={root}", f"model.policy={SMOLLM2}", f"run_id={run_id}", "threads=2",
+        f"storage.artifacts_root={root}", f"model.policy={SMOLLM2}", f"run_id={run_id}", "threads=1",
         "data.train_size=50", "data.test_size=2", "loop.iterations=1", "loop.steps_per_iteration=2",
         "loop.questions_per_step=2", "loop.eval_every=10", "loop.eval_samples=0", "sampling.group_size=2",
         "sampling.max_new_tokens=32", "loop.eval_max_new_tokens=32", "control.sft_same_time=false",
