@@ -54,6 +54,19 @@ The commit, MLflow queueing, rollout_metrics and pruning are timed by wrappers; 
 step tasks' options and arguments gives the price of one task run. Rounds alternate plain and flow
 (default 3), each with the load average before and after, so the spread between rounds is reported.
 
+Part 1 at a real model's shape (`--pretrained DIR`, e.g. artifacts/models/smollm2-135m-instruct; the
+orchestration part is then not run): the same race with that pretrained chat model on both sides, float32
+(no bf16 matmul units on this CPU: bf16 autocast would be emulated), full fine-tuning, defaults 4 questions
+x G=4, 128 new tokens, threads 2, 2 rounds of 4 steps per side (1 warm-up). Questions: the built-in word
+problems (1-2 steps, operands <= 20), given to the peer as GSM8K JSONL with `--chat`; ours asks the very
+same user message (question + the peer's instruction) through the same chat template, checked token for
+token. Ours: the policy, AdamW and reference from the flow's workspace (tasks.workspace.WORKSPACE), its
+HFSampler with the '####' stop marker off (both sides stop rows at EOS only), then OurSide.step. TRL: the
+unedited peer run through a few wrapper lines (TRL_WRAPPER) that also time its optimizer step.
+
+`--json FILE` keeps every raw timing; `--pretrained DIR --from-json FILE` renders (and writes) the real-model
+section again from such a dump without running anything.
+
 Writes the "## GRPO step: this pipeline vs TRL GRPOTrainer" section of BENCHMARKS.md: only the parts that
 ran (`--skip-race`: the orchestration part alone; `--skip-flow`: the race alone), the other kept.
 """
@@ -84,16 +97,25 @@ SECTION = "## GRPO step: this pipeline vs TRL GRPOTrainer"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
+    p.add_argument("--pretrained", default=None, metavar="DIR",
+                   help="the race at a real model's shape instead: this saved model+tokenizer folder (e.g. "
+                        "artifacts/models/smollm2-135m-instruct) on both sides, chat prompts, float32 only; "
+                        "the orchestration part is not run (defaults then: --threads 2 --G 4 --prompts-per-step 4 "
+                        "--max-new-tokens 128 --steps 4 --warmup 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default 1; 2 with --pretrained)")
     p.add_argument("--omp-wait-policy", default=None,
                    help="set OMP_WAIT_POLICY (e.g. PASSIVE) for both sides; default: inherit the environment")
-    p.add_argument("--steps", type=int, default=12, help="race: steps per round per side (incl. warm-up)")
-    p.add_argument("--warmup", type=int, default=2, help="race: first steps of each round left out")
+    p.add_argument("--steps", type=int, default=None,
+                   help="race: steps per round per side (incl. warm-up; default 12, 4 with --pretrained)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="race: first steps of each round left out (default 2, 1 with --pretrained)")
     p.add_argument("--rounds", type=int, default=2, help="race: rounds, each ours then TRL")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--G", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--G", type=int, default=None, help="default 8 (4 with --pretrained)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="default 8 (4 with --pretrained)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (128 with --pretrained)")
+    p.add_argument("--num-prompts", type=int, default=256,
+                   help="--pretrained: word problems in the pool both sides draw their questions from")
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     p.add_argument("--flow-steps", type=int, default=12, help="orchestration: timed steps per round")
     p.add_argument("--flow-rounds", type=int, default=3, help="orchestration: rounds, each plain then flow")
@@ -103,7 +125,18 @@ def parse_args(argv=None):
     p.add_argument("--skip-flow", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also dump all raw timings here")
-    return p.parse_args(argv)
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="--pretrained: run nothing, render (and write) the section from a previous --json dump of "
+                        "the same arguments")
+    args = p.parse_args(argv)
+    real = args.pretrained is not None
+    for name, tiny, real_default in (("threads", 1, 2), ("steps", 12, 4), ("warmup", 2, 1), ("G", 8, 4),
+                                     ("prompts_per_step", 8, 4), ("max_new_tokens", 32, 128)):
+        if getattr(args, name) is None:
+            setattr(args, name, real_default if real else tiny)
+    if real:
+        args.skip_flow = True  # the orchestration part is the demo's tiny model's
+    return args
 
 
 ARGS = parse_args()
@@ -201,6 +234,7 @@ class PhaseTimer:
         self._orig_frozen = trainer_mod.frozen_logprobs
         self._orig_cl = trainer_mod.completion_logprobs
         self._orig_sample = HFSampler.sample
+        self._orig_clip = trainer_mod.clip_and_step
         timer = self
 
         def frozen(*a, **k):
@@ -226,8 +260,16 @@ class PhaseTimer:
             finally:
                 timer.cur["generate"] += time.perf_counter() - t
 
+        def clip_step(*a, **k):  # grad-norm clip + the optimizer step (timed on its own by the hooks)
+            t = time.perf_counter()
+            try:
+                return timer._orig_clip(*a, **k)
+            finally:
+                timer.cur["clip_step"] += time.perf_counter() - t
+
         trainer_mod.frozen_logprobs = frozen
         trainer_mod.completion_logprobs = cl
+        trainer_mod.clip_and_step = clip_step
         HFSampler.sample = sample
 
     def hook_optimizer(self, opt):
@@ -243,6 +285,7 @@ class PhaseTimer:
     def restore(self):
         trainer_mod.frozen_logprobs = self._orig_frozen
         trainer_mod.completion_logprobs = self._orig_cl
+        trainer_mod.clip_and_step = self._orig_clip
         HFSampler.sample = self._orig_sample
 
 
@@ -311,9 +354,13 @@ class OurSide:
             "wall": t4 - t0, "cpu": time.process_time() - c0, "load1": os.getloadavg()[0],
             "sample": t1 - t0, "generate": ph.get("generate", 0.0), "score": t2 - t1, "adv_write": t3 - t2,
             "update": t4 - t3, "ref_fwd": ph.get("ref_fwd", 0.0), "policy_fwd": ph.get("policy_fwd", 0.0),
-            "adamw": ph.get("adamw", 0.0),
+            "adamw": ph.get("adamw", 0.0), "clip": ph.get("clip_step", 0.0) - ph.get("adamw", 0.0),
             "mean_len": sum(len(c) for c in batch.completion_ids) / len(batch.completion_ids),
+            "gen_tokens": sum(len(c) for c in batch.completion_ids),
             "width": batch.width, "kl": metrics.get("kl", float("nan")),
+            "flat": metrics.get("flat_batch_skipped", 0.0),
+            "truncated": sum(table.column("truncated").to_pylist()) / len(batch.completion_ids),
+            "reward": statistics.mean(table.column("reward").to_pylist()),
         }
         rec["sample_rest"] = rec["sample"] - rec["generate"]
         rec["bwd_loss_clip"] = rec["update"] - rec["ref_fwd"] - rec["policy_fwd"] - rec["adamw"]
@@ -369,6 +416,340 @@ def race(args):
     res["n_params"] = ours.n_params
     res["prompt_tokens"] = ours.prompt_tokens
     return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 1, at a real model's shape (--pretrained DIR): a pretrained chat model on word problems.
+
+def load_peer():
+    """The TRL peer script as a module (stdlib imports only at its top), for its prompt instruction: both
+    sides then ask the very same chat messages."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_cpu_step_peer", PEER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def real_questions(n: int, seed: int = 0) -> list[dict]:
+    """The built-in word problems of 1-2 steps, operands <= 20 (configs/smollm2-cpu.yaml's difficulty)."""
+    from problems.arithmetic import Difficulty, generate_problems
+
+    return generate_problems(n, seed, Difficulty(min_steps=1, max_steps=2, max_operand=20))
+
+
+class RealSide(OurSide):
+    """Our side of the real-model race. The policy, its AdamW and the reference come from the flow's own
+    workspace (tasks.workspace.WORKSPACE: policy_at loads the model with the config's load kwargs and builds
+    the optimizer; reference_at is a deep copy of the live policy for a full fine-tune; sampler_for wraps the
+    live model in an HFSampler), so a change there shows here. One step is OurSide.step: the pipeline's stage
+    functions on the step's table in memory."""
+
+    def __init__(self, args, timer: "PhaseTimer", questions: list[dict]):
+        from tasks.workspace import WORKSPACE
+
+        self.args, self.precision, self.timer = args, "real_fp32", timer
+        self.cfg = cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml", [
+            f"model.policy={args.pretrained}", "model.lora.enabled=false", "model.autocast=none",
+            "model.dtype=float32", "model.attn_implementation=sdpa", "model.gradient_checkpointing=false",
+            f"storage.artifacts_root={TMP / 'race'}", f"grpo.beta={args.beta}", "grpo.lr=1e-6",
+            "grpo.weight_decay=0.0", "grpo.mu=1", "grpo.aggregation=sequence", "grpo.adv_scale=group",
+            f"sampling.group_size={args.G}", f"sampling.max_new_tokens={args.max_new_tokens}",
+            f"sampling.batch_size={args.G * args.prompts_per_step}", "sampling.temperature=1.0", "sampling.top_p=1.0",
+            f"grpo.micro_batch_size={args.G * args.prompts_per_step}", "reward.sources=[{name: verifier}]",
+            "prompt.format=chat", "prompt.instruction=null", "prompt.system=null", f"threads={args.threads}"])
+        ckpt = str(Path(args.pretrained).resolve())
+        self.model, self.tok, self.opt = WORKSPACE.policy_at(ckpt, cfg)
+        self.ref = WORKSPACE.reference_at(ckpt, cfg) if args.beta > 0 else None
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.sampler = WORKSPACE.sampler_for(cfg, self.model, self.tok)
+        # both sides stop a row at EOS only: the flow's sampler also ends a row once its '####' answer line has
+        # ended (models.generation.AnswerLineStop), which TRL does not do
+        self.sampler.stop_marker = None
+        self.timer.hook_optimizer(self.opt)
+        self.questions = questions
+        self.step_no = 0
+        ids = encode_prompts(self.tok, [q["question"] for q in questions], cfg.prompt)[1]
+        self.prompt_tokens = max(len(x) for x in ids)
+        self.prompt_tokens_mean = statistics.mean(len(x) for x in ids)
+
+
+# Run inside .venv-trl around the peer script (which is not edited): it adds the optimizer's step time to
+# the peer's per-step record (global torch optimizer hooks; the outermost step only, in case a wrapper
+# optimizer's step is hooked too) and keeps more of TRL's logged completion statistics.
+TRL_WRAPPER = r"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("trl_cpu_step", sys.argv[1])
+peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peer)
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+stack = []
+def pre(opt, args, kwargs):
+    stack.append(time.perf_counter())
+def post(opt, args, kwargs):
+    t = stack.pop()
+    if not stack:
+        peer.TIMINGS.cur["optimizer"] += time.perf_counter() - t
+register_optimizer_step_pre_hook(pre)
+register_optimizer_step_post_hook(post)
+KEYS = ("completions/max_length", "completions/min_length", "completions/clipped_ratio",
+        "completions/mean_terminated_length", "reward_std", "frac_reward_zero_std")
+make_callback = peer.make_callback
+def make_callback_more():
+    cb = make_callback()
+    on_log = cb.on_log
+    def log(args, state, control, logs=None, **kw):
+        on_log(args, state, control, logs=logs, **kw)
+        if logs and peer.TIMINGS.steps and "step_time" in logs:
+            peer.TIMINGS.steps[-1].update({k: logs[k] for k in KEYS if k in logs})
+    cb.on_log = log
+    return cb
+peer.make_callback = make_callback_more
+peer.main(sys.argv[2:])
+"""
+
+
+def run_trl_real(args, round_no, jsonl: Path):
+    js = TMP / f"trl_real_round{round_no}.json"
+    peer_args = ["--pretrained", str(args.pretrained), "--prompts-jsonl", str(jsonl), "--chat",
+                 "--num-prompts", str(args.num_prompts), "--max-prompt-len", "1024", "--threads", str(args.threads),
+                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--beta", str(args.beta), "--G", str(args.G),
+                 "--prompts-per-step", str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens),
+                 "--lr", "1e-6", "--loss-type", "grpo", "--out-dir", str(TMP / f"trl_real_out{round_no}"),
+                 "--json", str(js)]
+    cmd = [args.trl_python, "-c", TRL_WRAPPER, str(PEER)] + peer_args
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"TRL peer failed (rc {proc.returncode}): {shlex.join([args.trl_python, str(PEER)] + peer_args)}")
+    data = json.loads(js.read_text())
+    head = [ln for ln in proc.stdout.splitlines() if ln.startswith(("versions:", "model:", "ref_model:", "split:"))]
+    steps = data["steps"][args.warmup:]
+    for s in steps:
+        s["prepare_other"] = s["prepare"] - s["generate"] - s["ref_fwd"]
+        s["optimizer"] = s.get("optimizer", 0.0)
+        s["bwd_clip"] = s["train"] - s["loss_fwd"] - s["optimizer"]  # backward, grad clip, zero_grad, scheduler
+        s["mean_len"] = s.get("completions/mean_length", float("nan"))
+        s["max_len"] = s.get("completions/max_length", float("nan"))
+    return {"cmd": shlex.join([".venv-trl/bin/python", "-c", "<TRL_WRAPPER>", str(PEER)] + peer_args),
+            "steps": steps, "summary": data["summary"], "stdout_head": head, "process_wall": wall}
+
+
+def race_real(args):
+    if not Path(args.trl_python).exists():
+        raise SystemExit(f"{args.trl_python} not found: run `bash scripts/trl_venv.sh` first")
+    peer = load_peer()
+    problems = real_questions(args.num_prompts)
+    jsonl = TMP / "word_problems.jsonl"  # GSM8K format: the peer reads `question` and the '#### N' line
+    jsonl.write_text("".join(json.dumps({"question": q["question"], "answer": q["solution"]}) + "\n"
+                             for q in problems))
+    # ours asks exactly the user message the peer builds (question, newline, its instruction), through the
+    # model's chat template with no system message of ours (SmolLM2's template adds its default one on both)
+    questions = [{**q, "question": f"{q['question']}\n{peer.INSTRUCTION}"} for q in problems]
+    timer = PhaseTimer()
+    ours = RealSide(args, timer, questions)
+    # the same prompt tokens as TRL's (apply_chat_template(..., tokenize=True), as GRPOTrainer tokenizes)
+    ours_ids = encode_prompts(ours.tok, [q["question"] for q in questions[:8]], ours.cfg.prompt)[1]
+    trl_ids = [ours.tok.apply_chat_template([{"role": "user", "content": q["question"]}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"] for q in questions[:8]]
+    same_prompts = ours_ids == trl_ids
+    print(f"ours: {type(ours.model).__name__} {ours.n_params / 1e6:.1f}M params, vocab {len(ours.tok)}, prompts "
+          f"{ours.prompt_tokens_mean:.0f} tok mean / {ours.prompt_tokens} max, same prompt tokens as TRL's: "
+          f"{same_prompts}", flush=True)
+    res = {"trl_runs": [], "load_before": load_str(), "same_prompts": same_prompts, "rounds": []}
+    for r in range(args.rounds):
+        load0 = load_str()
+        kept = [ours.step() for _ in range(args.steps)][args.warmup:]
+        res.setdefault("ours", []).extend(kept)
+        print(f"round {r + 1} ours: median {med([s['wall'] for s in kept]):.2f} s/step, mean length "
+              f"{statistics.mean(s['mean_len'] for s in kept):.1f} (load {load_str()})", flush=True)
+        trl = run_trl_real(args, r, jsonl)
+        res.setdefault("trl", []).extend(trl["steps"])
+        res["trl_runs"].append({k: v for k, v in trl.items() if k != "steps"})
+        print(f"round {r + 1} TRL:  median {med([s['wall'] for s in trl['steps']]):.2f} s/step, mean length "
+              f"{statistics.mean(s['mean_len'] for s in trl['steps']):.1f} (load {load_str()})", flush=True)
+        res["rounds"].append({"ours": med([s["wall"] for s in kept]), "trl": med([s["wall"] for s in trl["steps"]]),
+                              "load_before": load0, "load_after": load_str()})
+    res["load_after"] = load_str()
+    timer.restore()
+    res.update(n_params=ours.n_params, prompt_tokens=ours.prompt_tokens, prompt_tokens_mean=ours.prompt_tokens_mean,
+               model_type=type(ours.model).__name__, vocab=len(ours.tok),
+               layers=ours.model.config.num_hidden_layers, hidden=ours.model.config.hidden_size,
+               instruction=peer.INSTRUCTION, example_question=problems[0]["question"],
+               ours_optim=f"{type(ours.opt).__name__}(foreach={ours.opt.defaults.get('foreach')}, "
+                          f"fused={ours.opt.defaults.get('fused')})")
+    return res
+
+
+def real_race_lines(args, res, v, command):
+    ours, trl = res["ours"], res["trl"]
+    ok = [s for s in ours if not s["flat"]]  # a flat batch (all advantages 0) skips our update: not a like step
+    wall_o, wall_t = med([s["wall"] for s in ok]), med([s["wall"] for s in trl])
+    cpu_o, cpu_t = med([s["cpu"] for s in ok]), med([s["cpu"] for s in trl])
+    ratio = wall_o / wall_t
+    n = args.steps - args.warmup
+    model = Path(args.pretrained).name
+    L = [f"### The race at a real model's shape: {model}, chat prompts, float32, seconds per GRPO step", ""]
+    L.append(f"`flock /tmp/cpu.lock {command}`" + (" (written here by the same command with `--from-json FILE`)"
+                                                      if args.from_json else "") +
+             f" (TRL venv: `bash scripts/trl_venv.sh`; the model: `make smollm2-model`). One invocation, both sides "
+             f"on the same machine, torch threads {args.threads} on both, OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY') or '(unset)'} on both; under the machine's lock for timed runs "
+             f"(jobs that do not take it can still run beside it).")
+    L.append("")
+    L.append(machine_line(v, with_trl=True))
+    L.append(f"- model: {model} ({res['model_type']}, {res['layers']} layers, hidden {res['hidden']}, vocabulary "
+             f"{res['vocab']}, tied embeddings, {res['n_params'] / 1e6:.1f}M parameters), loaded from the same folder on "
+             f"both sides in float32 with SDPA attention; full fine-tuning (no LoRA), no gradient checkpointing. "
+             f"Precision float32 on both: this CPU has no bf16 matmul units (avx512_bf16/AMX), so bf16 autocast is "
+             f"emulated here and several times slower than float32 (models.loading.native_bf16)")
+    L.append(f"- batch: {args.prompts_per_step} questions x G={args.G} = {args.prompts_per_step * args.G} rows, at most "
+             f"{args.max_new_tokens} new tokens, temperature 1, top-p 1, no top-k, rows stop at EOS only (ours: "
+             f"HFSampler with no '####' stop marker, which the flow's sampler adds), beta {args.beta} (reference "
+             f"forward included), mu 1, sequence-mean loss (TRL loss_type grpo), group-std scaled advantages, AdamW "
+             f"lr 1e-6, weight decay 0, grad clip 1.0, the whole batch in one forward/backward on both sides "
+             f"(ours micro_batch_size {args.prompts_per_step * args.G}; TRL per_device_train_batch_size "
+             f"{args.prompts_per_step * args.G}, no accumulation)")
+    L.append(f"- questions: {args.num_prompts} built-in word problems (problems.arithmetic.generate_problems, seed 0, "
+             f"1-2 steps, operands <= 20), written as GSM8K JSONL for the peer (`--prompts-jsonl ... --chat`); "
+             f"both sides send the same user message, the question then `{res['instruction']}` on the next line, "
+             f"through the model's chat template (its default system line included): "
+             f"{res['prompt_tokens_mean']:.0f} tokens on average, at most {res['prompt_tokens']}; the token ids are "
+             f"identical on both sides: {res['same_prompts']}. Ours takes the questions in order, TRL's sampler draws "
+             f"them at random from the same pool. Rewards: ours the rule verifier (`reward.verifier.last_number`), TRL "
+             f"the peer's (answer string in the completion); rewards decide no time except that ours skips the "
+             f"update of a batch whose advantages are all 0 ({sum(1 for s in ours if s['flat'])} of {len(ours)} "
+             f"measured steps here; left out of the medians)")
+    L.append(f"- protocol: {args.rounds} rounds, each ours then TRL (a fresh TRL process per round; its model loading "
+             f"untimed), {args.steps} steps per side per round, the first {args.warmup} left out: {len(ok)} steps "
+             f"ours, {len(trl)} TRL; medians. Load average {res['load_before']} before, {res['load_after']} after "
+             f"(1, 5, 15 min)")
+    L.append("")
+    verdict = "target met" if ratio <= 0.6 else "target (<= 0.6) missed"
+    L.append(f"- **ours {wall_o:.2f} s/step vs TRL GRPOTrainer {wall_t:.2f} s/step: ours/TRL = {ratio:.2f}** "
+             f"({verdict}); CPU seconds per step {cpu_o:.2f} vs {cpu_t:.2f} ({cpu_o / cpu_t:.2f})")
+    L.append("- per round (median ours vs TRL, ratio): " + "; ".join(
+        f"round {i + 1}: {r['ours']:.2f} vs {r['trl']:.2f} ({r['ours'] / r['trl']:.2f}; load {r['load_before']} -> "
+        f"{r['load_after']})" for i, r in enumerate(res["rounds"])))
+    ml_o, ml_t = statistics.mean(s["mean_len"] for s in ours), statistics.mean(s["mean_len"] for s in trl)
+    mx_o, mx_t = statistics.mean(s["width"] for s in ours), statistics.mean(s["max_len"] for s in trl)
+    rows = args.prompts_per_step * args.G
+    tps_o = med([s["gen_tokens"] / s["generate"] for s in ours])
+    tps_t = med([s["mean_len"] * rows / s["generate"] for s in trl])
+    dec_o = med([s["generate"] / s["width"] for s in ours]) * 1000
+    dec_t = med([s["generate"] / s["max_len"] for s in trl]) * 1000
+    L.append(f"- completions: mean length ours {ml_o:.1f}, TRL {ml_t:.1f} tokens; longest of the batch (= generate's "
+             f"decoding steps and the width of the update's tensors) ours {mx_o:.1f}, TRL {mx_t:.1f} on average "
+             f"(per-step means over the measured steps)")
+    cap = args.max_new_tokens
+    L.append(f"- rows that reached {cap} tokens without EOS: ours "
+             f"{100 * statistics.mean(s['truncated'] for s in ours):.0f}%, TRL "
+             f"{100 * statistics.mean(s.get('completions/clipped_ratio', float('nan')) for s in trl):.0f}%; steps "
+             f"whose longest row ran to {cap}: ours {sum(s['width'] >= cap for s in ours)} of {len(ours)}, TRL "
+             f"{sum(s['max_len'] >= cap for s in trl)} of {len(trl)} (in those both sides ran all {cap} decoding "
+             f"steps and trained on [{rows}, {cap}] completion tensors: the same shapes)")
+    L.append("- each measured step in order, wall s (CPU s): ours " +
+             ", ".join(f"{s['wall']:.1f} ({s['cpu']:.0f})" for s in ours) + "; TRL " +
+             ", ".join(f"{s['wall']:.1f} ({s['cpu']:.0f})" for s in trl) +
+             f". Each round's TRL steps are steps {args.warmup + 1}-{args.steps} of a fresh process; ours run in "
+             f"one process and one model throughout, so its round-{args.rounds} steps are steps "
+             f"{(args.rounds - 1) * args.steps + args.warmup + 1}-{args.rounds * args.steps} of that model")
+    L.append(f"- generation speed: ours {tps_o:.0f} completion tokens/s, {dec_o:.0f} ms per decoding step of "
+             f"{rows} rows; TRL {tps_t:.0f} tokens/s, {dec_t:.0f} ms per decoding step (medians). Both sides run "
+             f"generate until the batch's longest row ends, so the generation phase scales with the longest row and "
+             f"the update with the padded width; medians over several steps of the same sampling settings and "
+             f"rounds that alternate the sides are how the comparison is kept fair; the per-decoding-step and "
+             f"per-token figures are the length-free comparison")
+    L += ["", "Where the time goes (medians of each phase over the measured steps, s; % of that side's median step):",
+          "", "| phase | ours | TRL |", "|---|---|---|"]
+    phases = [
+        ("generation (ours: HFSampler.sample, prefill shared by the G samples + per-token sampler log-probs; TRL: "
+         "transformers.generate)", lambda s: s["generate"], lambda s: s["generate"]),
+        ("rollout bookkeeping (ours: rollout table, decode, verifier, advantages, one Parquet write, update batch; "
+         "TRL: tokenising, decode, rewards, advantages, padding)",
+         lambda s: s["sample_rest"] + s["score"] + s["adv_write"], lambda s: s["prepare_other"]),
+        ("reference forward (no grad)", lambda s: s["ref_fwd"], lambda s: s["ref_fwd"]),
+        ("policy forward (ours: completion_logprobs with grad + entropy; TRL: compute_loss, loss included)",
+         lambda s: s["policy_fwd"], lambda s: s["loss_fwd"]),
+        ("backward + grad clip: the rest of the update (ours: + the loss; TRL: + zero_grad, scheduler, callbacks)",
+         lambda s: s["bwd_loss_clip"], lambda s: s["bwd_clip"]),
+        (f"AdamW step (ours: the workspace's {res['ours_optim']}, on the CPU the per-tensor loop unless foreach or "
+         f"fused is set; TRL: transformers' default optim adamw_torch_fused)",
+         lambda s: s["adamw"], lambda s: s["optimizer"]),
+    ]
+    for name, of_o, of_t in phases:
+        a, b = med([of_o(s) for s in ok]), med([of_t(s) for s in trl])
+        L.append(f"| {name} | {a:.2f} ({pct(a, wall_o)}) | {b:.2f} ({pct(b, wall_t)}) |")
+    L.append(f"| whole step | {wall_o:.2f} | {wall_t:.2f} |")
+    L.append("")
+    L += real_race_reading(args, res, ok, trl, wall_o, wall_t)
+    L.append("")
+    L.append("TRL command run (one per round; `<TRL_WRAPPER>` is this bench's few lines that load the unedited peer "
+             "script, add the optimizer step's time to its per-step record and keep more of TRL's logged completion "
+             "statistics): `" + re.sub(r"\S*/step_vs_trl_[A-Za-z0-9_]+", "$TMP", res["trl_runs"][-1]["cmd"]) + "`")
+    return L
+
+
+def real_race_reading(args, res, ours, trl, wall_o, wall_t):
+    """The reading of the real-model race: what differs between the sides, and what would close the gap."""
+    rows, cap = args.prompts_per_step * args.G, args.max_new_tokens
+    m = {k: (med([f(s) for s in ours]), med([g(s) for s in trl])) for k, f, g in (
+        ("gen", lambda s: s["generate"], lambda s: s["generate"]),
+        ("ref", lambda s: s["ref_fwd"], lambda s: s["ref_fwd"]),
+        ("fwd", lambda s: s["policy_fwd"], lambda s: s["loss_fwd"]),
+        ("bwd", lambda s: s["bwd_loss_clip"], lambda s: s["bwd_clip"]))}
+    upd_o = m["ref"][0] + m["fwd"][0] + m["bwd"][0]
+    upd_t = m["ref"][1] + m["fwd"][1] + m["bwd"][1]
+    full = all(s["width"] >= cap for s in ours) and all(s["max_len"] >= cap for s in trl)
+    p_len, c_len = res["prompt_tokens_mean"], statistics.mean(s["mean_len"] for s in ours)
+    width = res["prompt_tokens"] + cap  # positions per row of the update's left-padded [prompt + completion]
+    share_prefix = (args.G - 1) / args.G * p_len / width
+    pad = 1 - (p_len + c_len) / width
+    target = 0.6 * wall_t
+    rounds = res["rounds"]
+    L = ["Reading:", ""]
+    L.append(f"- the work is alike: the same prompt tokens, the same sampling settings, mean completion lengths within "
+             f"{abs(statistics.mean(s['mean_len'] for s in ours) - statistics.mean(s['mean_len'] for s in trl)):.1f} "
+             f"tokens" + (f", and in every measured step of both sides one row ran to {cap} tokens, so both ran "
+                          f"{cap} decoding steps and trained on [{rows}, {cap}] completion tensors" if full else "") +
+             (". Ours is faster in every phase of the model arithmetic" if all(o < t for o, t in m.values()) else "")
+             + "; the ratio is "
+             f"{wall_o / wall_t:.2f} over all measured steps, {rounds[0]['ours'] / rounds[0]['trl']:.2f} in round 1 "
+             f"(steps {args.warmup + 1}-{args.steps} of a freshly loaded model on both sides) and "
+             + ", ".join(f"{r['ours'] / r['trl']:.2f}" for r in rounds[1:]) +
+             " later: ours got faster through its run (CPU seconds per step in order above) while TRL's fresh "
+             "processes did not; this run does not tell whether that was the machine's other jobs or the age of "
+             "ours' process")
+    L.append(f"- generation, {m['gen'][0]:.1f} vs {m['gen'][1]:.1f} s ({100 * m['gen'][0] / wall_o:.0f}% of ours): "
+             f"the same generate loop on both sides; ours prefills each of the {args.prompts_per_step} prompts once "
+             f"and shares its KV cache with its G={args.G} samples (models.generation.shared_prompt_cache), TRL "
+             f"prefills all {rows} rows, and ours also records each token's log-prob (one log_softmax over "
+             f"[{rows}, {res['vocab']}] per decoding step). A torch.profiler run of one 32-token generate of such a "
+             f"batch (outside this bench, on a machine busy with other jobs, so shares only) put ~79% of generate in "
+             f"matrix multiplies and ~11% in aten::cat, the KV cache growing by concatenation every step "
+             f"(transformers' DynamicCache)")
+    L.append(f"- the update (reference forward + policy forward + backward), {upd_o:.1f} vs {upd_t:.1f} s "
+             f"({upd_o / upd_t:.2f}): both run the {res['layers']} layers over every position of the left-padded "
+             f"[prompt + completion] rows. TRL 1.16 gets log-probs from its fused LM head (trl.trainer.utils."
+             f"add_fused_lm_head), which off Triton devices scores every position, prompt and padding included, "
+             f"through the {res['vocab']}-wide head in chunks and recomputes each chunk's logits in backward; ours "
+             f"asks the model for the last T+1 positions' logits only (`logits_to_keep`, "
+             f"models.policy.completion_logprobs) and keeps them for backward")
+    L.append(f"- the AdamW step is small here either way ({med([s['adamw'] for s in ours]):.2f} vs "
+             f"{med([s['optimizer'] for s in trl]):.2f} s); the rollout bookkeeping (table, verifier, advantages, "
+             f"the Parquet write) is tens of milliseconds on both")
+    L.append(f"- what would reach the target (ours <= {target:.0f} s/step at TRL's {wall_t:.0f}: "
+             f"{wall_o - target:.0f} s to cut; estimates from the split above, not measured): (1) the prompt once per "
+             f"group in the update too, as sampling already does (prompts are ~{p_len:.0f} of the {width} positions "
+             f"per row: ~{100 * share_prefix:.0f}% of the update's arithmetic, ~{share_prefix * upd_o:.0f} s); "
+             f"(2) less padding in the update ({100 * pad:.0f}% of its positions are padding; length-sorted "
+             f"micro-batches would recover part of ~{pad * upd_o:.0f} s); (3) a pre-allocated KV cache in "
+             f"generation (up to ~{0.11 * m['gen'][0]:.0f} s, from the profile's share). The flow's own '####' stop "
+             f"rule, off here for parity, only shortens a batch whose every row writes its answer line")
+    return L
 
 
 # ------------------------------------------------------------------------------------------------
@@ -803,15 +1184,17 @@ def render_race(args, v, race_res, command):
     return L
 
 
-INTRO = ("bench/step_vs_trl.py, two parts, each with its own command and machine: the race against TRL "
-         "(`--skip-flow` runs it alone) and the orchestration overhead (`--skip-race`); a part a run skips keeps "
-         "its previous text here.")
+INTRO = ("bench/step_vs_trl.py, three parts, each with its own command and machine: the race against TRL on a tiny "
+         "model (`--skip-flow` runs it alone), the race at a real model's shape (`--pretrained DIR`) and the "
+         "orchestration overhead (`--skip-race`); a part a run skips keeps its previous text here.")
 
 
 def render(args, v, race_res, orch_res, command):
     """{subsection heading: text} for the parts that ran."""
     out = {}
-    if race_res:
+    if race_res and args.pretrained:
+        out["### The race at a real model's shape"] = "\n".join(real_race_lines(args, race_res, v, command)) + "\n"
+    elif race_res:
         out["### The race"] = "\n".join(render_race(args, v, race_res, command)) + "\n"
     if orch_res:
         out["### Orchestration overhead"] = "\n".join(orchestration_lines(args, v, orch_res, command)) + "\n"
@@ -827,7 +1210,7 @@ def write_section(parts: dict[str, str]) -> str:
     old = found.group(0) if found else ""
     subsections = {m.group(1): m.group(0).rstrip("\n") + "\n"
                    for m in re.finditer(r"^(### [^\n:]*)[^\n]*\n.*?(?=^### |\Z)", old, re.S | re.M)}
-    order = ["### The race", "### Orchestration overhead"]
+    order = ["### The race", "### The race at a real model's shape", "### Orchestration overhead"]
     body = [parts.get(k) or subsections.get(k) for k in order]
     text = "\n".join([SECTION, "", INTRO, ""] + [b for b in body if b]) + "\n"
     doc = pattern.sub(lambda _: text, doc) if found else doc.rstrip("\n") + "\n\n" + text
@@ -841,22 +1224,34 @@ def main():
     command = ".venv/bin/python bench/step_vs_trl.py" + (" " + shlex.join(argv) if argv else "")
     print(f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, "
           f"load {load_str()}, tmp {TMP}", flush=True)
-    v = versions(args)
-    race_res = None if args.skip_race else race(args)
-    if race_res:
+    if args.from_json:
+        if not args.pretrained:
+            raise SystemExit("--from-json: only with --pretrained")
+        dump = json.loads(Path(args.from_json).read_text())
+        v, race_res, command = dump["versions"], dump["race"], dump["command"]
+    else:
+        v = versions(args)
+        race_res = None if args.skip_race else race_real(args) if args.pretrained else race(args)
+    if race_res and args.pretrained:
+        mo = med([s["wall"] for s in race_res["ours"] if not s["flat"]])
+        mt = med([s["wall"] for s in race_res["trl"]])
+        print(f"RACE {Path(args.pretrained).name}: ours {mo:.2f} s/step, TRL {mt:.2f} s/step, ratio {mo / mt:.2f}",
+              flush=True)
+    elif race_res:
         for p in PRECISIONS:
             mo, mt = med([s["wall"] for s in race_res[f"ours_{p}"]]), med([s["wall"] for s in race_res[f"trl_{p}"]])
             print(f"RACE {p}: ours {mo:.3f} s/step, TRL {mt:.3f} s/step, ratio {mo / mt:.2f}", flush=True)
-    orch_res = None if args.skip_flow else orchestration(args)
+    orch_res = None if args.skip_flow or args.from_json else orchestration(args)
     if orch_res:
         mp, mf, d = med(orch_res["plain"]), med(orch_res["flow"]), med(orch_res["orchestration"])
         print(f"ORCH plain {mp:.3f} s/step, flow {mf:.3f} s/step ({100 * (mf - mp) / mp:+.1f}%), orchestration "
               f"inside the flow {d * 1000:.1f} ms/step = {100 * d / mp:.1f}% of the plain step", flush=True)
+    if args.json:  # before rendering: a rendering fault loses no measurement (re-render with --from-json)
+        Path(args.json).write_text(json.dumps({"versions": v, "race": race_res, "orchestration": orch_res,
+                                               "command": command},
+                                              indent=1, default=str))
     parts = render(args, v, race_res, orch_res, command)
     print("\n".join(parts.values()))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"versions": v, "race": race_res, "orchestration": orch_res},
-                                              indent=1, default=str))
     if not args.no_write:
         write_section(parts)
 
