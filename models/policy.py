@@ -7,6 +7,11 @@ part of the `[B, T]` tensors.
 For the forward pass, prompt+completion are left-padded so every row ends at the same column;
 then only the last T+1 positions need logits (`logits_to_keep`), and positions are derived from
 the attention mask exactly as `generate` derives them, so the numbers match the sampler's.
+
+GRPO's rows come in groups that share a prompt. Then the prompt (all but its last token) runs once
+per group and its KV cache is shared by the group's rows, as in sampling, with or without a graph:
+the backward pass also flows through the prompt once. For 4 x G=4 rows with 80-token prompts and
+128 new tokens that is 28% fewer tokens through the model.
 """
 from __future__ import annotations
 
@@ -77,6 +82,64 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, want_entropy: b
     return torch.stack(logps), (torch.stack(ents) if want_entropy else None)
 
 
+def prompt_groups(prompt_ids: list[list[int]]) -> list[int]:
+    """Each row's group: runs of consecutive rows with the same prompt (GRPO's layout)."""
+    groups: list[int] = []
+    for i, p in enumerate(prompt_ids):
+        groups.append(groups[-1] + (p != prompt_ids[i - 1]) if i else 0)
+    return groups
+
+
+def _activation_checkpointing(model) -> bool:
+    # A checkpointed layer drops the KV cache when it runs with a graph (its backward would replay it)
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _packed_logprobs(model, pb: PackedBatch, T: int, return_entropy: bool):
+    """[b, T] log-probs (and entropies) of left-padded prompt+completion rows."""
+    device = pb.input_ids.device
+    t_mb = int(pb.completion_lens.max()) if len(pb.completion_lens) else 0
+    logp = torch.zeros((len(pb.completion_lens), T), device=device)
+    ent = torch.zeros_like(logp) if return_entropy else None
+    if t_mb > 0:
+        out = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
+                    position_ids=pb.position_ids, logits_to_keep=t_mb + 1)
+        lp, en = _token_logprobs(out.logits[:, :-1], pb.input_ids[:, -t_mb:], return_entropy)
+        logp = torch.cat([right_to_left(lp, pb.completion_lens), logp[:, t_mb:]], dim=1)
+        if return_entropy:
+            ent = torch.cat([right_to_left(en, pb.completion_lens), ent[:, t_mb:]], dim=1)
+    return logp, ent
+
+
+def _shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], groups: list[int],
+                            pad_id: int, T: int, device, return_entropy: bool):
+    """`_packed_logprobs` with each group's prompt run once: the prompts but their last token, left-padded,
+    fill a KV cache that is indexed out to the group's rows; then each row's last prompt token and its
+    completion, right-padded, continue from it (positions as in the packed layout)."""
+    firsts = [i for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
+    prefix = pack([prompt_ids[i][:-1] for i in firsts], [[] for _ in firsts], pad_id, device)
+    cache = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
+                  position_ids=prefix.position_ids, use_cache=True).cache
+    rows = torch.tensor(groups, device=device)
+    cache.batch_select_indices(rows)
+    lens = torch.tensor([len(c) for c in completion_ids], device=device)
+    t_mb = int(lens.max())
+    suffix = torch.full((len(rows), t_mb + 1), pad_id, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        suffix[i, : len(c) + 1] = torch.tensor([p[-1], *c], dtype=torch.long)
+    suffix = suffix.to(device)
+    suffix_mask = completion_mask(lens + 1, t_mb + 1).long()
+    start = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
+    out = model(input_ids=suffix, attention_mask=torch.cat([prefix.attention_mask[rows], suffix_mask], dim=1),
+                position_ids=start.unsqueeze(1) + torch.arange(t_mb + 1, device=device), cache=cache)
+    lp, en = _token_logprobs(out.logits[:, :-1], suffix[:, 1:], return_entropy)
+    keep = completion_mask(lens, t_mb)
+    pad = torch.zeros((len(rows), T - t_mb), device=device)
+    logp = torch.cat([torch.where(keep, lp, 0.0), pad], dim=1)
+    ent = torch.cat([torch.where(keep, en, 0.0), pad], dim=1) if return_entropy else None
+    return logp, ent
+
+
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
                         width: int | None = None, micro_batch_size: int | None = None, with_grad: bool = False,
                         return_entropy: bool = False):
@@ -86,25 +149,24 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
     or the longest completion. With `with_grad=False` no graph is kept. Micro-batches bound the
     activations held at once; with grad the graphs of all micro-batches stay alive, so a trainer
     that wants to bound memory calls this once per micro-batch and backpropagates in between.
+    Consecutive rows with the same prompt of at least 2 tokens share its forward pass (module docstring).
     """
     B = len(completion_ids)
     T = width if width is not None else max((len(c) for c in completion_ids), default=0)
     device = next(model.parameters()).device
     step = micro_batch_size or B or 1
     logps, ents = [], []
+    can_share = not (with_grad and _activation_checkpointing(model))
     with nullcontext() if with_grad else torch.no_grad():
         for start in range(0, B, step):
-            pb = pack(prompt_ids[start:start + step], completion_ids[start:start + step], pad_id, device)
-            t_mb = int(pb.completion_lens.max()) if len(pb.completion_lens) else 0
-            logp = torch.zeros((len(pb.completion_lens), T), device=device)
-            ent = torch.zeros_like(logp) if return_entropy else None
-            if t_mb > 0:
-                out = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
-                            position_ids=pb.position_ids, logits_to_keep=t_mb + 1)
-                lp, en = _token_logprobs(out.logits[:, :-1], pb.input_ids[:, -t_mb:], return_entropy)
-                logp = torch.cat([right_to_left(lp, pb.completion_lens), logp[:, t_mb:]], dim=1)
-                if return_entropy:
-                    ent = torch.cat([right_to_left(en, pb.completion_lens), ent[:, t_mb:]], dim=1)
+            prompts, completions = prompt_ids[start:start + step], completion_ids[start:start + step]
+            groups = prompt_groups(prompts)
+            if (can_share and groups[-1] + 1 < len(prompts) and min(len(p) for p in prompts) >= 2
+                    and max(len(c) for c in completions) > 0):
+                logp, ent = _shared_prompt_logprobs(model, prompts, completions, groups, pad_id, T, device,
+                                                    return_entropy)
+            else:
+                logp, ent = _packed_logprobs(model, pack(prompts, completions, pad_id, device), T, return_entropy)
             logps.append(logp)
             ents.append(ent)
     mask = completion_mask(torch.tensor([len(c) for c in completion_ids], device=device), T)

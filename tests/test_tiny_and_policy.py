@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.loading import load_policy
-from models.policy import completion_logprobs, completion_mask, pack, right_to_left
+from models.policy import completion_logprobs, completion_mask, pack, prompt_groups, right_to_left
 from models.tiny import build_tiny_model, build_tokenizer
 from problems.arithmetic import VOCAB_WORDS, generate_problems
 from problems.prompts import plain_prompt
@@ -91,3 +91,36 @@ def test_completion_logprobs_with_grad_flows_to_parameters(tiny):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_rows_sharing_a_prompt_run_it_once_and_match_naive(tiny, micro_batch_size):
+    """GRPO's layout (groups of rows with one prompt) takes the shared-prompt path; micro-batches of 3 cut
+    through groups of 2, and one group holds an empty completion."""
+    model, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (6, 4, 9)]
+    rows_p = [p for p in prompts for _ in range(2)]
+    comps = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (3, 5, 1, 0, 7, 2)]
+    assert prompt_groups(rows_p) == [0, 0, 1, 1, 2, 2]
+    logp, mask, ent = completion_logprobs(model, rows_p, comps, pad_id=tok.pad_token_id,
+                                          micro_batch_size=micro_batch_size, return_entropy=True)
+    assert logp.shape == (6, 7) and mask.sum(1).tolist() == [3, 5, 1, 0, 7, 2]
+    for i, (p, c) in enumerate(zip(rows_p, comps)):
+        if c:
+            assert torch.allclose(logp[i, : len(c)], _naive(model, p, c), atol=1e-5)
+        assert (logp[i, len(c):] == 0).all() and (ent[i, len(c):] == 0).all()
+
+
+def test_shared_prompt_gradients_equal_the_packed_layouts(tiny):
+    model, tok = tiny
+    rows_p = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3
+    comps = [[11, 12], [13], [14, 15, 16], [17], [18, 19], [20]]
+    grads = []
+    for micro_batch_size in (None, 1):  # the whole batch: groups share their prompt; one row a forward: none do
+        logp, mask, _ = completion_logprobs(model, rows_p, comps, pad_id=tok.pad_token_id, with_grad=True,
+                                            micro_batch_size=micro_batch_size)
+        (logp * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
