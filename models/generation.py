@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
-    StoppingCriteriaList
+    StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from models.advantages import delimiter_token_ids
 from models.policy import pack
@@ -67,6 +67,28 @@ class _RawLogprobRecorder(LogitsProcessor):
         if not self.steps:
             return torch.zeros((sequences.shape[0], 0))
         return torch.stack(self.steps, dim=1).cpu()
+
+
+class _DrawToken(LogitsProcessor):
+    """Draws the next token from the (warped) scores and leaves it the only finite score, so generate's greedy
+    step picks it: sampling by the inverse CDF (a cumulative sum and one uniform per row) instead of
+    generate's `torch.multinomial`, which on a CPU draws an exponential variate per vocabulary entry: 22 ms a
+    step for 16 rows over a 49k vocabulary, 10% of a 135M model's decoding step, against 1.4 ms here."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
+        u = torch.rand((scores.shape[0], 1), device=scores.device) * cdf[:, -1:]
+        # right=True: the first entry above u, so a zero-probability token (a flat stretch of the CDF) is never drawn
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
+def sampling_processors(temperature: float, top_p: float) -> list[LogitsProcessor]:
+    """What generate's `do_sample` would apply (temperature, then top-p), then the draw (`_DrawToken`)."""
+    warpers: list[LogitsProcessor] = [] if temperature == 1.0 else [TemperatureLogitsWarper(temperature)]
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return [*warpers, _DrawToken()]
 
 
 class AnswerLineStop(StoppingCriteria):
@@ -127,16 +149,13 @@ def _trim(row: list[int], eos_ids: set[int], stop_len: int | None = None,
     return Completion(row, False, logprobs, FINISH_LENGTH)
 
 
-def _generation_config(*, greedy: bool, temperature: float, top_p: float, max_new_tokens: int,
-                       pad_id: int, eos_ids: list[int]) -> GenerationConfig:
-    """Everything explicit and neutral, so a model's shipped generation_config (Qwen's top_k=20,
-    repetition_penalty=1.05, ...) cannot silently change what is sampled."""
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
-                  repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
-    if greedy:
-        return GenerationConfig(do_sample=False, num_return_sequences=1, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=1,
-                            **common)
+def _generation_config(*, max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> GenerationConfig:
+    """Greedy steps over our processors (sampling is `sampling_processors`'), everything else explicit and
+    neutral, so a model's shipped generation_config (Qwen's top_k=20, repetition_penalty=1.05, ...) cannot
+    silently change what is sampled."""
+    return GenerationConfig(do_sample=False, num_return_sequences=1, max_new_tokens=max_new_tokens,
+                            pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True, repetition_penalty=1.0,
+                            no_repeat_ngram_size=0, min_new_tokens=0)
 
 
 def shared_prompt_cache(model, pb, n: int):
@@ -150,7 +169,7 @@ def shared_prompt_cache(model, pb, n: int):
     if pb.input_ids.shape[1] < 2:
         return None
     cache = model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
-                  position_ids=pb.position_ids[:, :-1], use_cache=True).past_key_values
+                  position_ids=pb.position_ids[:, :-1], use_cache=True).cache
     cache.batch_repeat_interleave(n)
     return cache
 
@@ -177,8 +196,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
     reps = n if greedy else 1  # greedy: repeat the prompt rows, generate would refuse n>1
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: dict[int, list[Completion]] = {}
-    gen_cfg = _generation_config(greedy=greedy, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 pad_id=pad_id, eos_ids=sorted(eos_ids))
+    gen_cfg = _generation_config(max_new_tokens=max_new_tokens, pad_id=pad_id, eos_ids=sorted(eos_ids))
     fork_devices = [device] if device.type == "cuda" else []
     for call, start in enumerate(range(0, len(order), per_call)):
         idx = order[start:start + per_call]
@@ -192,6 +210,8 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         recorder = _RawLogprobRecorder() if return_logprobs else None
         if recorder is not None:
             processors.append(recorder)
+        if not greedy:
+            processors.extend(sampling_processors(temperature, top_p))
         stopping = StoppingCriteriaList()
         stop = None
         if stop_marker:

@@ -4,7 +4,7 @@ import torch
 
 from configs.schema import PromptConfig, SamplingConfig
 from models.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AnswerLineStop, Completion,
-                               cut_after_answer_line, generate, sample_completions)
+                               cut_after_answer_line, generate, sample_completions, sampling_processors)
 from models.policy import completion_logprobs
 from models.policy import completion_mask
 from models.samplers import HFSampler, Sampler, make_sampler
@@ -200,3 +200,18 @@ def test_bf16_autocast_sampling_records_float32_logprobs_close_to_the_trainer(ti
     assert sampled.dtype == torch.float32
     gap = ((sampled - teacher).abs() * mask).sum() / mask.sum()
     assert 0 < gap < 0.05  # bf16 matmuls: a small, nonzero mismatch the update never sees with mu=1
+
+
+def test_the_draw_follows_the_warped_distribution_and_never_picks_a_zero_probability_token():
+    """Temperature 0.5 squares the probabilities (0.1, 0, 0.6, 0.3) -> (1, 0, 36, 9) / 46; top-p 0.9 then
+    keeps the two largest (their mass before the cut, 0.978, reaches 0.9): 36/45 and 9/45."""
+    torch.manual_seed(0)
+    scores = torch.log(torch.tensor([[0.1, 0.0, 0.6, 0.3]])).repeat(50_000, 1)
+    for temperature, top_p, expected in [(1.0, 1.0, [0.1, 0.0, 0.6, 0.3]), (0.5, 1.0, [1 / 46, 0, 36 / 46, 9 / 46]),
+                                         (0.5, 0.9, [0.0, 0.0, 0.8, 0.2])]:
+        out = scores.clone()
+        for processor in sampling_processors(temperature, top_p):
+            out = processor(None, out)
+        assert (out.isfinite().sum(-1) == 1).all()  # one finite score per row: generate's greedy step takes it
+        freq = torch.bincount(out.argmax(-1), minlength=4) / len(out)
+        assert freq[1] == 0 and freq.tolist() == pytest.approx(expected, abs=0.01)
