@@ -188,6 +188,9 @@ class GRPOConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    drop_flat_groups: bool = Field(False, description=(
+        "train only on the groups whose outputs scored differently: the rest add no policy gradient (DAPO "
+        "drops them), only a KL term and a share of the loss's denominator, at a forward and backward each"))
     warn_after_flat_steps: int = Field(3, gt=0, description=(
         "a step whose groups all have one reward each learns nothing and takes no optimizer step; after this "
         "many in a row the run warns and its MLflow run is tagged"))

@@ -40,11 +40,14 @@ def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, ep
     return with_columns(table, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
 
 
-def update_batch(table: pa.Table) -> UpdateBatch:
-    """The tensors the update needs, from the stored token ids (no re-tokenising)."""
-    return UpdateBatch(
+def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool = False) -> UpdateBatch:
+    """The tensors the update needs, from the stored token ids (no re-tokenising); with `drop_flat_groups`
+    only the groups that carry a learning signal (`UpdateBatch.informative_groups`)."""
+    batch = UpdateBatch(
         prompt_ids=table.column("prompt_ids").to_pylist(),
         completion_ids=table.column("completion_ids").to_pylist(),
+        group_size=group_size,
         advantages=padded(table, "advantages"),
         sampler_logp=padded(table, "old_logprobs"),
     )
+    return batch.informative_groups() if drop_flat_groups else batch

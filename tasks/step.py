@@ -67,10 +67,12 @@ def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.T
     g = cfg.grpo
     try:
         with cfg.model.compute():
-            metrics = run_grpo_update(model, optimizer, advantages.update_batch(rollouts),
+            batch = advantages.update_batch(rollouts, cfg.sampling.group_size, drop_flat_groups=g.drop_flat_groups)
+            metrics = run_grpo_update(model, optimizer, batch,
                                       pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
                                       eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
                                       grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
+            metrics["rows_trained"] = float(len(batch))
     except BaseException:
         WORKSPACE.forget_policy()  # the live weights may be part-updated: nothing may take them for `policy`
         raise

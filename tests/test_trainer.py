@@ -181,3 +181,14 @@ def test_a_batch_with_all_advantages_zero_takes_no_optimizer_step(tiny):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     batch.advantages[2] = 0.5
     assert grpo_update(m, opt, batch, pad_id=tok.pad_token_id, ref_model=model, beta=0.04)["flat_batch_skipped"] == 0.0
+
+
+def test_informative_groups_keep_the_groups_with_a_nonzero_advantage():
+    batch = UpdateBatch([[1]] * 2 + [[2]] * 2 + [[3]] * 2, [[4], [5], [6], [7], [8], [9]], group_size=2,
+                        advantages=torch.tensor([0.0, 0.0, 0.7, -0.7, 0.0, 0.0]))
+    kept = batch.informative_groups()
+    assert kept.prompt_ids == [[2], [2]] and kept.completion_ids == [[6], [7]] and kept.group_size == 2
+    assert kept.advantages.tolist() == pytest.approx([0.7, -0.7])
+    process = UpdateBatch([[1]] * 2 + [[2]] * 2, [[4, 4], [5], [6], [7]], group_size=2,
+                          advantages=torch.tensor([[0.0, 0.3], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert process.informative_groups().completion_ids == [[4, 4], [5]]  # one token's advantage keeps the group
