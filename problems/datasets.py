@@ -20,11 +20,6 @@ PROBLEM_SCHEMA = pa.schema(
 )
 
 
-def format_prompt(question: str) -> str:
-    """Chat-free prompt; the completion is the worked solution, one step per line."""
-    return f"Question: {question}\nAnswer:\n"
-
-
 def write_problems(problems: list[dict], path: Path) -> Path:
     """Atomic Parquet write: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
