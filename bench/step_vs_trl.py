@@ -341,6 +341,11 @@ class OurSide:
                                              scale=cfg.grpo.adv_scale)
         write_atomic(table, out)  # the step's one write, as the flow's RunJournal.save_rollouts does
         batch = adv_stage.update_batch(table)
+        if not bool(batch.advantages.ne(0).any()):
+            # A random-init model answers nothing right: every reward is 0 and our update would skip the batch
+            # (flat_batch_skipped) while TRL still runs its loss. The update's cost does not depend on the
+            # advantages' values, so a flat batch gets seeded noise and both sides do the same work.
+            batch.advantages = torch.randn(batch.advantages.shape, generator=torch.Generator().manual_seed(i))
         t3 = time.perf_counter()
         g = cfg.grpo
         with cfg.model.compute():
