@@ -146,8 +146,8 @@ def examples(root: Path, run: dict, test_size: int, n_questions: int, threads: i
     from models.generation import generate
     from models.loading import load_policy
     from problems.datasets import read_problems
-    from problems.prompts import encode_prompts
-    from problems.verify import ANSWER_MARK, extract_answer, is_correct
+    from problems.prompts import encode_prompts, stop_marker
+    from problems.verify import extract_answer, is_correct
     from stages.prepare import prepare_data
 
     torch.set_num_threads(threads)
@@ -160,7 +160,7 @@ def examples(root: Path, run: dict, test_size: int, n_questions: int, threads: i
         _, prompts = encode_prompts(tok, [p["question"] for p in problems], cfg.prompt)
         with cfg.model.compute():
             outs = generate(model, tok, prompts, greedy=True, max_new_tokens=cfg.loop.eval_max_new_tokens,
-                            batch_size=len(prompts), stop_marker=ANSWER_MARK)
+                            batch_size=len(prompts), stop_marker=stop_marker(tok, cfg.prompt))
         texts = tok.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
         for row, t, p in zip(out, texts, problems):
             row[label] = t
