@@ -69,16 +69,18 @@ def right_to_left(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
     """logits [B, T, V] (any dtype), targets [B, T] -> (logp [B, T] fp32, entropy [B, T] fp32 | None).
 
-    Row by row, so at most one row's [T, V] float32 log-softmax exists at a time (a 150k vocabulary
-    at T=1024 is 600 MB per row in float32; a whole batch at once would not fit).
+    logp = logit of the target - logsumexp of the row: no [T, V] log-softmax is written or kept for
+    backward (a 150k vocabulary at T=1024 is 600 MB per row in float32). Row by row, so at most one
+    row's float32 copy of bf16 logits exists at a time.
     """
     logps, ents = [], []
     for row_logits, row_targets in zip(logits, targets):
-        lsm = torch.log_softmax(row_logits.float(), dim=-1)
-        logps.append(lsm.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1))
+        row = row_logits.float()
+        lse = torch.logsumexp(row, dim=-1)
+        logps.append(row.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - lse)
         if want_entropy:
-            with torch.no_grad():
-                ents.append(-(lsm.exp() * lsm).sum(-1))
+            with torch.no_grad():  # H = lse - sum p * logit
+                ents.append(lse - (torch.softmax(row, dim=-1) * row).sum(-1))
     return torch.stack(logps), (torch.stack(ents) if want_entropy else None)
 
 
