@@ -92,6 +92,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PEER = ROOT.parent / "shared" / "peers" / "trl_cpu_step.py"  # ../shared beside the checkout
+
+
+def shown(cmd: str) -> str:
+    """A command as the report shows it: paths relative to the checkout (the peer as ../shared/...)."""
+    return cmd.replace(str(ROOT.parent / "shared"), "../shared").replace(str(ROOT) + "/", "")
 SECTION = "## GRPO step: this pipeline vs TRL GRPOTrainer"
 
 
@@ -695,7 +700,7 @@ def real_race_lines(args, res, v, command):
     L.append("")
     L.append("TRL command run (one per round; `<TRL_WRAPPER>` is this bench's few lines that load the unedited peer "
              "script, add the optimizer step's time to its per-step record and keep more of TRL's logged completion "
-             "statistics): `" + re.sub(r"\S*/step_vs_trl_[A-Za-z0-9_]+", "$TMP", res["trl_runs"][-1]["cmd"]) + "`")
+             "statistics): `" + re.sub(r"\S*/step_vs_trl_[A-Za-z0-9_]+", "$TMP", shown(res["trl_runs"][-1]["cmd"])) + "`")
     return L
 
 
@@ -745,8 +750,7 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
              f"({upd_o / upd_t:.2f}): ours runs each group's prompt once, with or without a graph, and its "
              f"{args.G} rows continue from the shared KV cache (models.policy.completion_logprobs: prompts are "
              f"~{p_len:.0f} of the {width} positions of a row, so ~{100 * share_prefix:.0f}% fewer positions "
-             f"through the {res['layers']} layers), asks for the completion positions' logits only and takes "
-             f"log-probs as logit - logsumexp (no [T, V] log-softmax kept for backward). TRL 1.16 runs every "
+             f"through the {res['layers']} layers) and asks for the completion positions' logits only. TRL 1.16 runs every "
              f"row's whole left-padded [prompt + completion] and gets log-probs from its fused LM head "
              f"(trl.trainer.utils.add_fused_lm_head), which off Triton devices scores every position, prompt and "
              f"padding included, through the {res['vocab']}-wide head in chunks and recomputes each chunk's "
@@ -1089,7 +1093,7 @@ def race_lines(args, res):
              "halved, 414 -> 229 ms); and the bookkeeping differs (ours writes the step's rollouts to a Parquet file once).")
     L.append("")
     L.append("TRL commands run (one per round and precision): `" +
-             res["trl_runs"][-1]["cmd"].replace(str(TMP), "$TMP") + "`")
+             shown(res["trl_runs"][-1]["cmd"].replace(str(TMP), "$TMP")) + "`")
     return L
 
 
