@@ -9,7 +9,8 @@ plus `reward_<source>` (each source's outcome view) and `reward_errors` (the sou
 on the row and were scored 0 under `on_error: zero`; empty otherwise).
 
 A source that raises or gives a non-finite score for a row fails the call with a message naming the
-row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "zero"`.
+row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "zero"`; a source that
+fails on every row of the step fails it whatever `on_error` says.
 """
 from __future__ import annotations
 
@@ -158,6 +159,10 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
         else:
             raise RewardError(f"unknown reward source {name!r}")
         if errors:
+            if len(errors) == len(rows):  # zeroing every row would train on nothing but this source's failure
+                i = min(errors)
+                raise RewardError(f"reward source {name!r} failed on every row of the step ({len(rows)}), e.g. "
+                                  f"{_item(rows, i)}: {errors[i]}")
             if reward_cfg.on_error == "fail":
                 i = min(errors)
                 raise RewardError(f"reward source {name!r} failed on {_item(rows, i)}: {errors[i]}"

@@ -22,4 +22,26 @@ def rollout_metrics(t: pa.Table, group_size: int) -> dict[str, float]:
         "completion_length_mean": float(lengths.mean()),
         "completion_tokens": float(lengths.sum()),
         "truncation_rate": float(t.column("truncated").to_numpy().mean()) if t.num_rows else 0.0,
+        **zeroed_rows(t),
     }
+
+
+def zeroed_rows(t: pa.Table) -> dict[str, float]:
+    """`reward_zeroed_rows`: rows a failing source scored 0 under `reward.on_error: zero`, and
+    `reward_zeroed_rows/<source>` for each source that did."""
+    if "reward_errors" not in t.column_names:
+        return {}
+    counts: dict[str, float] = {}
+    for names in t.column("reward_errors").to_pylist():
+        for name in names or []:
+            counts[name] = counts.get(name, 0.0) + 1.0
+    failed = sum(1 for names in t.column("reward_errors").to_pylist() if names)
+    return {"reward_zeroed_rows": float(failed), **{f"reward_zeroed_rows/{k}": v for k, v in sorted(counts.items())}}
+
+
+def zeroed_note(metrics: dict[str, float]) -> str:
+    """The step line's note on rows scored 0 for a failing source ("" when none were)."""
+    per_source = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("reward_zeroed_rows/")}
+    if not per_source:
+        return ""
+    return " | rows scored 0 for a failing reward source: " + ", ".join(f"{k} {v}" for k, v in per_source.items())

@@ -21,7 +21,7 @@ from stages.faults import crash_point
 from stages.rollout_store import read_rollouts, write_atomic
 from stages.run_layout import RunLayout
 from stages.run_state import MetricRecord, RunState, commit
-from stages.step_metrics import rollout_metrics
+from stages.step_metrics import rollout_metrics, zeroed_note
 from tasks import tracking
 from tasks.step import merge_adapters
 
@@ -118,8 +118,8 @@ class RunJournal:
         logger.info("iter %d step %d/%d | reward %.3f acc %.3f flat groups %.2f kl %.4f loss %+.4f | %.1fs%s",
                     step // M, step % M + 1, M, metrics["reward_mean"], metrics["accuracy"],
                     metrics["zero_std_group_frac"], metrics.get("kl", 0.0), metrics.get("loss", 0.0),
-                    metrics["step_seconds"], " | no update: every group scored alike" if update["flat_batch_skipped"]
-                    else "")
+                    metrics["step_seconds"], (" | no update: every group scored alike" if update["flat_batch_skipped"]
+                                              else "") + zeroed_note(metrics))
         self._warn_if_not_learning(step, bool(update["flat_batch_skipped"]))
         ckpt, saved = self.checkpoint(step)
         self._updated_since_commit = not saved

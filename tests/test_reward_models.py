@@ -19,6 +19,7 @@ from stages.rewards import RewardError, align_line_labels, score_rollouts
 from problems.prompts import plain_prompt
 from problems.verify import extract_answer, is_correct
 from stages.rollout_store import ROLLOUT_SCHEMA, SCORE_FIELDS
+from stages.step_metrics import zeroed_note, zeroed_rows
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,6 +222,11 @@ class FakeRM(ValueHeadRewardModel):
         return out
 
 
+class FailingRM(FakeRM):
+    def score(self, *args, **kw):
+        raise RuntimeError("boom")
+
+
 def test_score_rollouts_columns_and_weights(tiny, tmp_path):
     _, tok = tiny
     table = rollout_table(rollout_rows(tok, COMPLETIONS))
@@ -254,6 +260,13 @@ def test_score_rollouts_error_policy_names_item_and_source(tiny, tmp_path):
                        reward_models={"outcome_rm": FakeRM("outcome", 0.5, fail_on=bad)}).to_pylist()
     assert [r["reward_outcome_rm"] for r in t] == [0.5, 0.5, 0.0, 0.5]
     assert [r["reward_errors"] for r in t] == [[], [], ["outcome_rm"], []]
+    assert zeroed_rows(pa.Table.from_pylist(t)) == {"reward_zeroed_rows": 1.0, "reward_zeroed_rows/outcome_rm": 1.0}
+    assert zeroed_note({"reward_zeroed_rows": 1.0, "reward_zeroed_rows/outcome_rm": 1.0}) == \
+        " | rows scored 0 for a failing reward source: outcome_rm 1"
+    assert zeroed_note({"reward_zeroed_rows": 0.0}) == ""
+    with pytest.raises(RewardError, match=r"'outcome_rm' failed on every row of the step \(4\), e\.g\. "
+                                          r"question_id='q7' sample_index=0: RuntimeError: boom"):
+        score_rollouts(table, zero, tokenizer=tok, reward_models={"outcome_rm": FailingRM("outcome")})
     with pytest.raises(RewardError, match="needs a outcome reward model"):
         score_rollouts(table, cfg, tokenizer=tok, reward_models={"outcome_rm": FakeRM("process")})
 

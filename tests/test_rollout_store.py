@@ -110,10 +110,12 @@ def test_rollout_metrics_by_hand():
         "reward": [1.0, 0.0, 1.0, 1.0], "correct": [True, False, True, True], "completion_length": [2, 1, 3, 2],
         "truncated": [False, False, True, False],
         "advantages": pa.array([[0.5, 0.5], [-0.5], [0.0, 0.0, 0.0], [0.0, 0.0]], type=pa.list_(pa.float32())),
+        "reward_errors": [[], ["outcome_rm", "process_rm"], [], ["outcome_rm"]],
     })
     m = rollout_metrics(table, group_size=2)
     assert m == pytest.approx({
         "reward_mean": 0.75, "reward_std": 0.5, "accuracy": 0.75, "zero_std_group_frac": 0.5,
         "advantage_mean": 0.5 / 8, "advantage_abs_mean": 1.5 / 8, "completion_length_mean": 2.0,
-        "completion_tokens": 8.0, "truncation_rate": 0.25})
+        "completion_tokens": 8.0, "truncation_rate": 0.25, "reward_zeroed_rows": 2.0,
+        "reward_zeroed_rows/outcome_rm": 2.0, "reward_zeroed_rows/process_rm": 1.0})
 
