@@ -191,6 +191,9 @@ class GRPOConfig(_Section):
     drop_flat_groups: bool = Field(False, description=(
         "train only on the groups whose outputs scored differently: the rest add no policy gradient (DAPO "
         "drops them), only a KL term and a share of the loss's denominator, at a forward and backward each"))
+    mask_truncated: bool = Field(False, description=(
+        "leave completions cut by sampling.max_new_tokens out of the loss (DAPO's overlong filtering); their "
+        "rewards still count in their group's advantages"))
     warn_after_flat_steps: int = Field(3, gt=0, description=(
         "a step whose groups all have one reward each learns nothing and takes no optimizer step; after this "
         "many in a row the run warns and its MLflow run is tagged"))

@@ -60,16 +60,13 @@ class UpdateBatch:
         return UpdateBatch([self.prompt_ids[i] for i in index], [self.completion_ids[i] for i in index],
                            pick(self.correct), pick(self.rewards), 1, pick(self.advantages), pick(self.sampler_logp))
 
-    def informative_groups(self) -> "UpdateBatch":
-        """The groups with a non-zero advantage somewhere (DAPO's dynamic-sampling filter without the
-        resampling): a group whose outputs all scored alike adds no policy gradient, only its KL term
+    def informative_rows(self) -> list[int]:
+        """The rows of the groups with a non-zero advantage somewhere (DAPO's dynamic-sampling filter without
+        the resampling): a group whose outputs all scored alike adds no policy gradient, only its KL term
         and its share of the loss's denominator, at a full forward and backward's cost."""
         g = self.group_size
         keep = self.advantages.reshape(len(self) // g, -1).ne(0).any(-1)
-        index = [i for i in range(len(self)) if keep[i // g]]
-        kept = self.rows(index)
-        kept.group_size = g
-        return kept
+        return [i for i in range(len(self)) if keep[i // g]]
 
 
 def micro_batch_share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:

@@ -40,9 +40,12 @@ def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, ep
     return with_columns(table, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
 
 
-def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool = False) -> UpdateBatch:
+def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool = False,
+                 mask_truncated: bool = False) -> UpdateBatch:
     """The tensors the update needs, from the stored token ids (no re-tokenising); with `drop_flat_groups`
-    only the groups that carry a learning signal (`UpdateBatch.informative_groups`)."""
+    only the groups that carry a learning signal (`UpdateBatch.informative_groups`); with `mask_truncated`
+    without the completions cut by the token limit (DAPO's overlong filtering: their rewards still count in
+    their group's mean and std, but an unfinished answer is not trained on as if it were the answer)."""
     batch = UpdateBatch(
         prompt_ids=table.column("prompt_ids").to_pylist(),
         completion_ids=table.column("completion_ids").to_pylist(),
@@ -50,4 +53,10 @@ def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool
         advantages=padded(table, "advantages"),
         sampler_logp=padded(table, "old_logprobs"),
     )
-    return batch.informative_groups() if drop_flat_groups else batch
+    truncated = table.column("truncated").to_pylist()
+    if drop_flat_groups:
+        keep = batch.informative_rows()
+        batch, truncated = batch.rows(keep), [truncated[i] for i in keep]
+    if mask_truncated:
+        batch = batch.rows([i for i, cut in enumerate(truncated) if not cut])
+    return batch

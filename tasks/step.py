@@ -67,7 +67,8 @@ def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.T
     g = cfg.grpo
     try:
         with cfg.model.compute():
-            batch = advantages.update_batch(rollouts, cfg.sampling.group_size, drop_flat_groups=g.drop_flat_groups)
+            batch = advantages.update_batch(rollouts, cfg.sampling.group_size, drop_flat_groups=g.drop_flat_groups,
+                                            mask_truncated=g.mask_truncated)
             metrics = run_grpo_update(model, optimizer, batch,
                                       pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
                                       eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,

@@ -1,6 +1,7 @@
 """The GRPO update (micro-batching, mu, reference) and checkpoints (safetensors, optimizer state)."""
 import copy
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -183,12 +184,26 @@ def test_a_batch_with_all_advantages_zero_takes_no_optimizer_step(tiny):
     assert grpo_update(m, opt, batch, pad_id=tok.pad_token_id, ref_model=model, beta=0.04)["flat_batch_skipped"] == 0.0
 
 
-def test_informative_groups_keep_the_groups_with_a_nonzero_advantage():
+def test_informative_rows_are_those_of_the_groups_with_a_nonzero_advantage():
     batch = UpdateBatch([[1]] * 2 + [[2]] * 2 + [[3]] * 2, [[4], [5], [6], [7], [8], [9]], group_size=2,
                         advantages=torch.tensor([0.0, 0.0, 0.7, -0.7, 0.0, 0.0]))
-    kept = batch.informative_groups()
-    assert kept.prompt_ids == [[2], [2]] and kept.completion_ids == [[6], [7]] and kept.group_size == 2
-    assert kept.advantages.tolist() == pytest.approx([0.7, -0.7])
+    assert batch.informative_rows() == [2, 3]
     process = UpdateBatch([[1]] * 2 + [[2]] * 2, [[4, 4], [5], [6], [7]], group_size=2,
                           advantages=torch.tensor([[0.0, 0.3], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
-    assert process.informative_groups().completion_ids == [[4, 4], [5]]  # one token's advantage keeps the group
+    assert process.informative_rows() == [0, 1]  # one token's advantage keeps the group
+
+
+def test_update_batch_drops_flat_groups_then_truncated_rows():
+    from stages.advantages import update_batch
+
+    table = pa.table({
+        "prompt_ids": [[1], [1], [2], [2], [3], [3]], "completion_ids": [[4], [5], [6], [7], [8], [9]],
+        "advantages": pa.array([[0.0], [0.0], [0.7], [-0.7], [1.0], [-1.0]], type=pa.list_(pa.float32())),
+        "old_logprobs": pa.array([[-1.0]] * 6, type=pa.list_(pa.float32())),
+        "truncated": [False, True, True, False, False, False],
+    })
+    assert update_batch(table, 2).completion_ids == [[4], [5], [6], [7], [8], [9]]
+    assert update_batch(table, 2, drop_flat_groups=True).completion_ids == [[6], [7], [8], [9]]
+    both = update_batch(table, 2, drop_flat_groups=True, mask_truncated=True)
+    assert both.completion_ids == [[7], [8], [9]] and both.advantages.flatten().tolist() == pytest.approx([-0.7, 1, -1])
+    assert update_batch(table, 2, mask_truncated=True).completion_ids == [[4], [7], [8], [9]]
