@@ -147,10 +147,29 @@ class SamplingConfig(_Section):
         return t
 
 
+BUILT_IN_REWARDS = ("verifier", "outcome_rm", "process_rm")
+
+
 class RewardSource(_Section):
-    name: Literal["verifier", "outcome_rm", "process_rm"]
+    name: str = Field(description=(
+        "verifier, outcome_rm, process_rm, or your function as 'package.module:function' (README, Rewards): "
+        "fn(prompts, completions, **fields) -> one float per completion, or one list per completion with a "
+        "float per step"))
     weight: float = Field(1.0, ge=0, description="a source's share of the reward (a negative one would reward "
                                                  "what the source scores as wrong)")
+
+    @field_validator("name")
+    @classmethod
+    def _built_in_or_importable(cls, name: str) -> str:
+        from stages.custom_rewards import is_function_path, load_reward_function
+
+        if name in BUILT_IN_REWARDS:
+            return name
+        if not is_function_path(name):
+            raise ValueError(f"{name!r}: not one of {', '.join(BUILT_IN_REWARDS)}, nor a function's import path "
+                             "'package.module:function'")
+        load_reward_function(name)
+        return name
 
 
 class VerifierConfig(_Section):

@@ -5,8 +5,11 @@
 - `step_labels`: the verifier's per-step correctness, one per step end,
 - `reward`: the weighted sum of the sources' outcome views (see `models.rewards`),
 - `step_rewards`: the weighted sum of the sources' process views, one per step end,
-plus `reward_<source>` (each source's outcome view) and `reward_errors` (the sources that failed
-on the row and were scored 0 under `on_error: zero`; empty otherwise).
+plus `reward_<source>` (each source's outcome view, `reward_column`) and `reward_errors` (the sources
+that failed on the row and were scored 0 under `on_error: zero`; empty otherwise).
+
+Sources: `verifier` (problems.verify), the learned `outcome_rm` / `process_rm`, and a user's function
+named by import path (stages.custom_rewards).
 
 A source that raises or gives a non-finite score for a row fails the call with a message naming the
 row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "zero"`; a source that
@@ -14,6 +17,7 @@ fails on every row of the step fails it whatever `on_error` says.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -23,9 +27,16 @@ from models.reward_model import ValueHeadRewardModel
 from models.rewards import (combine_outcome, combine_process, is_bad, outcome_from_steps, source_weights,
                             steps_from_outcome)
 from problems.verify import is_correct, split_steps, step_correctness
+from stages.custom_rewards import call_reward_function, checked_score, is_function_path, load_reward_function
 from stages.rollout_store import with_columns
 
 RM_SOURCES = {"outcome_rm": "outcome", "process_rm": "process"}
+
+
+def reward_column(source: str) -> str:
+    """The column of a source's outcome view: `reward_verifier`; a function's path with its dots and colon
+    as underscores (`reward_my_pkg_rewards_format_bonus`)."""
+    return "reward_" + re.sub(r"[^A-Za-z0-9_]", "_", source)
 
 
 class RewardError(RuntimeError):
@@ -103,6 +114,40 @@ def _rm_scores(rm: ValueHeadRewardModel, prompts, completions, positions, batch_
     return scores, errors
 
 
+def _function_scores(fn, rows: list[dict], texts: list[str], steps: list[list[str]]):
+    """(outcome view, process view, {row: error}) of a user's reward function (stages.custom_rewards); a
+    failing batch call is retried row by row so the failure is pinned to a row."""
+    prompts = [r.get("prompt") or "" for r in rows]
+    fields = {k: [r.get(k) for r in rows] for k in ("question_id", "sample_index", "answer", "solution")}
+    values: list = [None] * len(rows)
+    errors: dict[int, str] = {}
+    try:
+        values = call_reward_function(fn, prompts, texts, {**fields, "steps": steps})
+    except Exception:  # noqa: BLE001 -- attribute to a row below
+        for i in range(len(rows)):
+            try:
+                values[i] = call_reward_function(fn, prompts[i:i + 1], texts[i:i + 1],
+                                                 {**{k: v[i:i + 1] for k, v in fields.items()},
+                                                  "steps": steps[i:i + 1]})[0]
+            except Exception as err:  # noqa: BLE001
+                errors[i] = f"{type(err).__name__}: {err}"
+    out_v, proc_v = [], []
+    for i, value in enumerate(values):
+        score, step_scores = 0.0, None
+        if i not in errors:
+            try:
+                score, step_scores = checked_score(value, len(steps[i]))
+            except (TypeError, ValueError) as err:
+                errors[i], score = f"{type(err).__name__}: {err}", 0.0
+        if step_scores is not None:
+            out_v.append(outcome_from_steps(step_scores))
+            proc_v.append(step_scores)
+        else:
+            out_v.append(score)
+            proc_v.append(steps_from_outcome(score, len(steps[i])))
+    return out_v, proc_v, errors
+
+
 def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
                    reward_models: Mapping[str, ValueHeadRewardModel] | None = None, batch_size: int = 64) -> pa.Table:
     """`table` (a step's sampled rows) with the reward columns added.
@@ -110,8 +155,8 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
     reward_cfg: a `RewardConfig` (sources, on_error, rm_score). tokenizer: the policy's tokenizer.
     reward_models: the loaded learned reward models, keyed by source name.
     """
-    rows = table.select([c for c in ("question_id", "sample_index", "prompt_ids", "completion_ids", "completion",
-                                     "answer", "solution") if c in table.column_names]).to_pylist()
+    rows = table.select([c for c in ("question_id", "sample_index", "prompt", "prompt_ids", "completion_ids",
+                                     "completion", "answer", "solution") if c in table.column_names]).to_pylist()
     weights = source_weights(reward_cfg.sources)
     delims = delimiter_token_ids(tokenizer)
     prompts = [r["prompt_ids"] for r in rows]
@@ -156,6 +201,11 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
                 else:
                     out_v.append(outcome_from_steps(v))
                     proc_v.append([float(x) for x in v])
+        elif is_function_path(name):
+            texts = [r["completion"] if r.get("completion") is not None
+                     else tokenizer.decode(completions[i], skip_special_tokens=True) for i, r in enumerate(rows)]
+            steps = [step_texts(tokenizer, c, e) for c, e in zip(completions, step_ends)]
+            out_v, proc_v, errors = _function_scores(load_reward_function(name), rows, texts, steps)
         else:
             raise RewardError(f"unknown reward source {name!r}")
         if errors:
@@ -180,7 +230,7 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
         "step_labels": pa.array(step_labels, pa.list_(pa.bool_())),
     }
     for name in weights:
-        columns[f"reward_{name}"] = pa.array(outcome[name], pa.float32())
+        columns[reward_column(name)] = pa.array(outcome[name], pa.float32())
     columns["reward_errors"] = pa.array(failed, pa.list_(pa.string()))
     return with_columns(table, columns)
 
