@@ -183,6 +183,9 @@ class RewardConfig(_Section):
     sources: list[RewardSource] = [RewardSource(name="verifier")]
     on_error: Literal["fail", "zero"] = "fail"
     rm_score: Literal["probability", "logit"] = "probability"
+    process_credit: Literal["sum", "min"] = Field("sum", description=(
+        "process supervision: a token's advantage is the sum of the normalised rewards of the steps from its "
+        "own on (the paper), or their minimum (PURE: a learned PRM's sum can be gamed by adding steps it likes)"))
     verifier: VerifierConfig = VerifierConfig()
 
     @field_validator("sources")

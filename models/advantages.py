@@ -80,13 +80,16 @@ def process_advantages(
     length: int,
     *,
     eps: float = 1e-4,
+    credit: str = "sum",
 ) -> Tensor:
     """Process-supervision advantages, one per completion token.
 
     step_rewards[i]: [K_i] the PRM's reward for each step of output i (ragged).
     step_ends[i]:    [K_i] 0-based completion-token index where each step ends.
-    Returns [N, length]: A[i, t] = sum of normalised r_i^j over steps j with end >= t,
-    so tokens after the last step end get 0, and an output with no steps gets 0.
+    Returns [N, length]: A[i, t] = sum of normalised r_i^j over steps j with end >= t (credit "sum",
+    the paper's), or their minimum (credit "min": PURE, arXiv 2504.15275, whose point is that a learned
+    PRM's sum can be raised by adding steps it scores well, and the policy learns to pad), so tokens
+    after the last step end get 0, and an output with no steps gets 0.
 
     Normalisation pools all step rewards of a group (mean, sample std + eps), as
     in the paper; a group with fewer than two step rewards, or all equal, gets 0.
@@ -124,8 +127,15 @@ def process_advantages(
     constant = (lo == hi) | (count < 2)
     normed = torch.where(constant[group], torch.zeros_like(r), centred / (var.sqrt()[group] + eps))
 
-    # Put each normalised reward at its step's end token, then a reversed
-    # cumulative sum gives every token the sum over steps ending at or after it.
+    # Put each normalised reward at its step's end token, then a reversed cumulative sum (or minimum)
+    # gives every token the sum (or minimum) over steps ending at or after it.
+    if credit == "min":
+        at_end = torch.full((n, length), torch.inf, dtype=r.dtype)
+        at_end.index_put_((output, torch.cat(ends)), normed)
+        future_min = at_end.flip(-1).cummin(-1).values.flip(-1)
+        return torch.where(future_min.isinf(), torch.zeros_like(future_min), future_min)
+    if credit != "sum":
+        raise ValueError(f"credit: unknown {credit!r} (sum | min)")
     at_end = torch.zeros(n, length, dtype=r.dtype)
     at_end.index_put_((output, torch.cat(ends)), normed, accumulate=True)
     return at_end.flip(-1).cumsum(-1).flip(-1)

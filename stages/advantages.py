@@ -18,11 +18,11 @@ def _check_layout(table: pa.Table, group_size: int) -> None:
 
 
 def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, eps: float = 1e-4,
-                       scale: str = "group") -> pa.Table:
+                       scale: str = "group", process_credit: str = "sum") -> pa.Table:
     """`table` (scored) with `advantages` added: one float per completion token.
 
-    outcome: the normalised reward of the output, on every token; process: the suffix sum of
-    normalised step rewards (models/advantages.py).
+    outcome: the normalised reward of the output, on every token; process: the suffix sum (or minimum,
+    `process_credit`) of normalised step rewards (models/advantages.py).
     """
     _check_layout(table, group_size)
     lengths = table.column("completion_length").to_pylist()
@@ -33,7 +33,7 @@ def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, ep
     elif supervision == "process":
         width = max(lengths, default=0)
         adv = process_advantages(table.column("step_rewards").to_pylist(), table.column("step_ends").to_pylist(),
-                                 group_size, width, eps=eps)
+                                 group_size, width, eps=eps, credit=process_credit)
         rows = [adv[i, :n].tolist() for i, n in enumerate(lengths)]
     else:
         raise ValueError(f"reward.supervision: unknown {supervision!r} (outcome | process)")

@@ -51,7 +51,7 @@ def score_rollouts(cfg: PipelineConfig, rollouts: pa.Table, tokenizer: str, rewa
 def compute_advantages(cfg: PipelineConfig, rollouts: pa.Table) -> pa.Table:
     table = advantages.compute_advantages(rollouts, supervision=cfg.reward.supervision,
                                           group_size=cfg.sampling.group_size, eps=cfg.grpo.adv_eps,
-                                          scale=cfg.grpo.adv_scale)
+                                          scale=cfg.grpo.adv_scale, process_credit=cfg.reward.process_credit)
     crash_point("advantages")
     return table
 

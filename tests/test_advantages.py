@@ -182,3 +182,15 @@ def test_delimiter_token_ids_are_cached_per_tokenizer_object_and_do_not_keep_it_
 def test_delimiter_token_ids_of_the_tiny_tokenizer_are_the_newline_alone(tiny):
     _, tok = tiny
     assert delimiter_token_ids(tok) == {tok.convert_tokens_to_ids("\n")}
+
+
+def test_min_credit_gives_each_token_the_worst_step_from_its_own_on():
+    """Pooled step rewards [1, 0 | 0.5]: mean 0.5, sample std 0.5, normalised [1, -1 | 0]. Output 0's steps
+    end at tokens 1 and 3: the sum form gives 0 to tokens 0-1 (1 - 1), the min form -1."""
+    rewards, ends = [[1.0, 0.0], [0.5]], [[1, 3], [2]]
+    total = process_advantages(rewards, ends, group_size=2, length=5, eps=0.0)
+    worst = process_advantages(rewards, ends, group_size=2, length=5, eps=0.0, credit="min")
+    assert total.tolist() == [[0.0, 0.0, -1.0, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert worst.tolist() == [[-1.0, -1.0, -1.0, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="credit: unknown 'max'"):
+        process_advantages(rewards, ends, group_size=2, length=5, credit="max")
