@@ -53,9 +53,12 @@ class UpdateBatch:
         return completion_mask(torch.tensor([len(c) for c in self.completion_ids], device=device), self.width)
 
     def rows(self, index: list[int]) -> "UpdateBatch":
-        """The rows `index`, in that order, as single outputs (group_size 1)."""
+        """The rows `index`, in that order, as single outputs (group_size 1); [B, T] tensors are cut to the
+        picked rows' longest completion, the new T."""
+        width = max((len(self.completion_ids[i]) for i in index), default=0)
+
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[index]
+            return None if x is None else (x[index][:, :width] if x.dim() == 2 else x[index])
 
         return UpdateBatch([self.prompt_ids[i] for i in index], [self.completion_ids[i] for i in index],
                            pick(self.correct), pick(self.rewards), 1, pick(self.advantages), pick(self.sampler_logp))

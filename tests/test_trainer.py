@@ -1,5 +1,6 @@
 """The GRPO update (micro-batching, mu, reference) and checkpoints (safetensors, optimizer state)."""
 import copy
+import math
 
 import pyarrow as pa
 import pytest
@@ -207,3 +208,21 @@ def test_update_batch_drops_flat_groups_then_truncated_rows():
     both = update_batch(table, 2, drop_flat_groups=True, mask_truncated=True)
     assert both.completion_ids == [[7], [8], [9]] and both.advantages.flatten().tolist() == pytest.approx([-0.7, 1, -1])
     assert update_batch(table, 2, mask_truncated=True).completion_ids == [[4], [7], [8], [9]]
+
+
+def test_dropping_the_longest_rows_narrows_the_batch_to_the_rest(tiny):
+    """The flat group holds the longest completion: the kept rows' [B, T] tensors take their own width."""
+    from stages.advantages import update_batch
+
+    model, tok = tiny
+    table = pa.table({
+        "prompt_ids": [[5, 6]] * 2 + [[7, 8]] * 2, "completion_ids": [[9, 10, 11, 12], [9], [10, 11], [12]],
+        "advantages": pa.array([[0.0] * 4, [0.0], [0.5] * 2, [-0.5]], type=pa.list_(pa.float32())),
+        "old_logprobs": pa.array([[-1.0] * 4, [-1.0], [-1.0] * 2, [-1.0]], type=pa.list_(pa.float32())),
+        "truncated": [False] * 4,
+    })
+    batch = update_batch(table, 2, drop_flat_groups=True)
+    assert batch.width == 2 and batch.advantages.shape == (2, 2) and batch.sampler_logp.shape == (2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    metrics = grpo_update(model, opt, batch, pad_id=tok.pad_token_id, beta=0.0)
+    assert metrics["flat_batch_skipped"] == 0.0 and math.isfinite(metrics["loss"])
