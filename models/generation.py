@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
     StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from models.advantages import delimiter_token_ids
-from models.policy import pack
+from models.policy import CACHE, pack
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -168,8 +168,8 @@ def shared_prompt_cache(model, pb, n: int):
     """
     if pb.input_ids.shape[1] < 2:
         return None
-    cache = model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
-                  position_ids=pb.position_ids[:, :-1], use_cache=True).cache
+    cache = getattr(model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
+                          position_ids=pb.position_ids[:, :-1], use_cache=True), CACHE)
     cache.batch_repeat_interleave(n)
     return cache
 
@@ -220,7 +220,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed * 1_000_003 + call)
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, cache=cache,
+            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **{CACHE: cache},
                                  logits_processor=processors, stopping_criteria=stopping)
         new_t = out[:, ids.shape[1]:]
         new = new_t.tolist()

@@ -19,6 +19,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers 5.2x renamed a model's `past_key_values` (argument and output) to `cache`, the old name warning;
+# the vLLM venv pins an older transformers that knows only the old name.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -120,8 +125,8 @@ def _shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: 
     completion, right-padded, continue from it (positions as in the packed layout)."""
     firsts = [i for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
     prefix = pack([prompt_ids[i][:-1] for i in firsts], [[] for _ in firsts], pad_id, device)
-    cache = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
-                  position_ids=prefix.position_ids, use_cache=True).cache
+    cache = getattr(model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
+                          position_ids=prefix.position_ids, use_cache=True), CACHE)
     rows = torch.tensor(groups, device=device)
     cache.batch_select_indices(rows)
     lens = torch.tensor([len(c) for c in completion_ids], device=device)
@@ -133,7 +138,7 @@ def _shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: 
     suffix_mask = completion_mask(lens + 1, t_mb + 1).long()
     start = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
     out = model(input_ids=suffix, attention_mask=torch.cat([prefix.attention_mask[rows], suffix_mask], dim=1),
-                position_ids=start.unsqueeze(1) + torch.arange(t_mb + 1, device=device), cache=cache)
+                position_ids=start.unsqueeze(1) + torch.arange(t_mb + 1, device=device), **{CACHE: cache})
     lp, en = _token_logprobs(out.logits[:, :-1], suffix[:, 1:], return_entropy)
     keep = completion_mask(lens, t_mb)
     pad = torch.zeros((len(rows), T - t_mb), device=device)
