@@ -21,7 +21,8 @@ from stages.faults import crash_point
 from stages.rollout_store import read_rollouts, write_atomic
 from stages.run_layout import RunLayout
 from stages.run_state import MetricRecord, RunState, commit
-from stages.step_metrics import rollout_metrics, zeroed_note
+from stages.step_metrics import (agreement_note, reward_model_agreement, rm_thresholds, rollout_metrics,
+                                 zeroed_note)
 from tasks import tracking
 from tasks.step import merge_adapters
 
@@ -109,7 +110,8 @@ class RunJournal:
         now = time.perf_counter()
         self._wall += now - t0
         self._cpu += time.process_time() - cpu0
-        metrics = {**rollout_metrics(rollouts, self.cfg.sampling.group_size), **update,
+        metrics = {**rollout_metrics(rollouts, self.cfg.sampling.group_size),
+                   **reward_model_agreement(rollouts, rm_thresholds(self.cfg.reward)), **update,
                    "rollout_seconds": self._rollouts_done - t0, "update_step_seconds": now - self._rollouts_done,
                    "step_seconds": now - t0}
         self.record(step, metrics)
@@ -119,7 +121,7 @@ class RunJournal:
                     step // M, step % M + 1, M, metrics["reward_mean"], metrics["accuracy"],
                     metrics["zero_std_group_frac"], metrics.get("kl", 0.0), metrics.get("loss", 0.0),
                     metrics["step_seconds"], (" | no update: every group scored alike" if update["flat_batch_skipped"]
-                                              else "") + zeroed_note(metrics))
+                                              else "") + zeroed_note(metrics) + agreement_note(metrics))
         self._warn_if_not_learning(step, bool(update["flat_batch_skipped"]))
         ckpt, saved = self.checkpoint(step)
         self._updated_since_commit = not saved

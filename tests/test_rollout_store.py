@@ -119,3 +119,26 @@ def test_rollout_metrics_by_hand():
         "completion_tokens": 8.0, "truncation_rate": 0.25, "reward_zeroed_rows": 2.0,
         "reward_zeroed_rows/outcome_rm": 2.0, "reward_zeroed_rows/process_rm": 1.0})
 
+
+
+def test_reward_hacking_monitor_by_hand():
+    """Five outputs, two right. outcome_rm ranks pairs (right, wrong): of the 6, (0.9 > 0.2), (0.9 > 0.7),
+    (0.9 > 0.4), (0.6 > 0.2), (0.6 < 0.7), (0.6 > 0.4): AUC 5/6. At 0.5 it calls 0.9, 0.6, 0.7 right: 4 of 5
+    agree with the verifier. Gap: mean 2.8 / 5 = 0.56 minus accuracy 0.4."""
+    from configs.schema import RewardConfig
+    from stages.step_metrics import agreement_note, reward_model_agreement, rm_thresholds
+
+    table = pa.table({"correct": [True, False, True, False, False],
+                      "reward_outcome_rm": [0.9, 0.2, 0.6, 0.7, 0.4],
+                      "reward_verifier": [1.0, 0.0, 1.0, 0.0, 0.0]})
+    cfg = RewardConfig(sources=[{"name": "verifier"}, {"name": "outcome_rm"}])
+    assert rm_thresholds(cfg) == {"outcome_rm": 0.5}
+    m = reward_model_agreement(table, rm_thresholds(cfg))
+    assert m == pytest.approx({"rm_auc/outcome_rm": 5 / 6, "rm_accuracy/outcome_rm": 0.8,
+                               "rm_gap/outcome_rm": 0.56 - 0.4})
+    assert agreement_note(m) == " | outcome_rm vs verifier: AUC 0.83, gap +0.16"
+    # logits: the threshold is 0; all outputs right: no AUC (ranking is undefined), accuracy and gap still
+    logit_cfg = RewardConfig(sources=[{"name": "outcome_rm"}], rm_score="logit")
+    all_right = table.set_column(0, "correct", pa.array([True] * 5))
+    m = reward_model_agreement(all_right, rm_thresholds(logit_cfg))
+    assert m == pytest.approx({"rm_accuracy/outcome_rm": 1.0, "rm_gap/outcome_rm": 0.56 - 1.0})
