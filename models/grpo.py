@@ -10,9 +10,21 @@ Pure functions over tensors, [B, T] = [outputs, completion positions], with a
 
 The KL is a per-token loss term, not a reward penalty. With mu = 1 the ratio is
 1 in value but not in gradient, so it is never special-cased.
+
+Sampler/trainer mismatch correction (optional; TRL's `vllm_importance_sampling_correction`, verl's
+`rollout_correction`): the outputs were drawn by the sampler (vLLM, bf16 kernels), whose probabilities
+differ from the trainer's. The surrogate of each token (or each output) is weighted by
+
+    w = exp(old_logp - sampler_logp)                     token level, [B, T]
+    w = exp(sum_t (old_logp - sampler_logp))             sequence level, [B, 1]
+    truncate: w = min(w, cap)     mask: w = 0 where w > cap
+
+a truncated importance-sampling estimate of the gradient under the trainer's own distribution. The
+KL term is not weighted (TRL's choice): it is computed on the trainer's log-probs exactly.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -73,6 +85,45 @@ def get_loss_aggregation(name: str) -> Callable[[Tensor, Tensor, int | None], Te
         raise ValueError(f"unknown loss aggregation {name!r}; expected one of {sorted(LOSS_AGGREGATIONS)}") from None
 
 
+IMPORTANCE_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_log_ratio(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, level: str) -> Tensor:
+    """log(pi_trainer / pi_sampler): [B, T] -> [B, T] per token ("token", 0 outside `mask`) or [B, 1]
+    per output ("sequence": the sum over its tokens). A token whose sampler log-prob is NaN (a sampler
+    that did not give one) counts as no mismatch, 0."""
+    diff = torch.nan_to_num(zero_outside(old_logp - sampler_logp, mask.bool()), nan=0.0)
+    if level == "token":
+        return diff
+    if level == "sequence":
+        return diff.sum(-1, keepdim=True)
+    raise ValueError(f"unknown importance-sampling level {level!r}; expected token or sequence")
+
+
+def importance_weights(log_ratio: Tensor, correction: str, cap: float) -> Tensor:
+    """Truncated importance weights from `sampler_log_ratio`, same shape, no grad: min(ratio, cap)
+    ("*_truncate") or the ratio with 0 where it exceeds `cap` ("*_mask"). Compared in log space, so a
+    long output's sequence ratio that would overflow exp() is still capped or masked exactly."""
+    log_cap = math.log(cap)
+    log_ratio = log_ratio.detach()
+    if correction.endswith("_truncate"):
+        return torch.exp(log_ratio.clamp(max=log_cap))
+    if correction.endswith("_mask"):
+        return torch.where(log_ratio > log_cap, log_ratio.new_zeros(()), torch.exp(log_ratio.clamp(max=log_cap)))
+    raise ValueError(f"unknown importance correction {correction!r}; expected one of {IMPORTANCE_CORRECTIONS}")
+
+
+def importance_ratio_metrics(log_ratios: Tensor, cap: float) -> dict[str, float]:
+    """Statistics of the sampler/trainer ratio over the tokens (or outputs) it was computed on (a 1-D
+    tensor of log ratios): is_ratio_mean / _min / _max (of the ratio before the cap; max shown as at most
+    e^20), is_capped_frac (the share beyond `cap`, truncated or masked)."""
+    if log_ratios.numel() == 0:
+        return {}
+    ratio = torch.exp(log_ratios.double().clamp(max=20.0))
+    return {"is_ratio_mean": float(ratio.mean()), "is_ratio_min": float(ratio.min()),
+            "is_ratio_max": float(ratio.max()), "is_capped_frac": float((log_ratios > math.log(cap)).double().mean())}
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -85,6 +136,7 @@ def grpo_loss(
     beta: float = 0.04,
     aggregation: str = "sequence",
     max_len: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO loss and its metrics.
 
@@ -93,6 +145,7 @@ def grpo_loss(
     mask: true (or nonzero) on completion tokens.
     eps_high: upper clip (DAPO's clip-higher); None means eps_low.
     aggregation: a LOSS_AGGREGATIONS name; max_len is Dr. GRPO's constant (default T).
+    is_weights: [B, T] or [B, 1] sampler-correction weights (`importance_weights`) on the surrogate, or None.
 
     Returns (loss [] with grad, metrics): "kl" (masked mean k3; 0 without ref),
     "clip_frac_low" / "clip_frac_high" (fraction of tokens where the clip is active:
@@ -118,6 +171,8 @@ def grpo_loss(
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     surr = torch.minimum(ratio * advantages, clipped * advantages)
+    if is_weights is not None:
+        surr = surr * is_weights.detach()
     kl = kl_k3(logp, zero_outside(ref_logp, mask)) if ref_logp is not None else torch.zeros_like(logp)
     objective = surr - beta * kl if beta != 0 else surr
     loss = -aggregate(objective, mask, max_len)

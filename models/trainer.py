@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.grpo import grpo_loss
+from models.grpo import grpo_loss, importance_ratio_metrics, importance_weights, sampler_log_ratio
 from models.policy import completion_logprobs, completion_mask
 
 
@@ -138,9 +138,14 @@ def accumulate_policy_gradients(policy, prompt_ids: list[list[int]], completion_
 
 def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model=None, beta: float = 0.04,
                 mu: int = 1, eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
-                grad_clip: float = 1.0, micro_batch_size: int = 64) -> dict[str, float]:
+                grad_clip: float = 1.0, micro_batch_size: int = 64, importance_correction: str = "none",
+                importance_cap: float = 3.0) -> dict[str, float]:
     """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps
-    (entropy and the sampler/trainer log-prob gap: from the first, before any update).
+    (entropy, the sampler/trainer log-prob gap and the importance ratio's statistics: from the first,
+    before any update).
+
+    `importance_correction` (models/grpo.py, IMPORTANCE_CORRECTIONS): weight each token's surrogate by the
+    trainer's old probability over the sampler's (`batch.sampler_logp`), truncated or masked at `importance_cap`.
 
     A batch whose advantages are all 0 (every group's outputs scored alike) carries no learning signal:
     no optimizer step is taken (AdamW would still move the weights by its decay and its momentum of
@@ -149,6 +154,9 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
         raise ValueError(f"grpo.beta={beta} needs a reference model")
     if batch.advantages is None:
         raise ValueError("grpo needs batch.advantages (stages.advantages.compute_advantages)")
+    if importance_correction != "none" and batch.sampler_logp is None:
+        raise ValueError(f"importance correction {importance_correction!r} needs the sampler's log-probs of every "
+                         "output (the rollouts' old_logprobs), and this batch has none")
     if not bool(batch.advantages.ne(0).any()):
         return {"flat_batch_skipped": 1.0, "update_seconds": 0.0, "update_tokens_per_s": 0.0}
     t0 = time.perf_counter()
@@ -158,11 +166,20 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
     adv = batch.advantages.to(device)
     ref_logp = frozen_logprobs(ref_model, batch, pad_id, micro_batch_size) if beta > 0 else None
     old_logp = frozen_logprobs(policy, batch, pad_id, micro_batch_size) if mu > 1 else None
+    level = importance_correction.split("_")[0]
+    log_ratios: list[torch.Tensor] = []  # the first inner pass's, for the ratio's statistics
 
     def loss_of(rows, logp, mb_mask, entropy):
         old = old_logp[rows] if old_logp is not None else logp.detach()
+        is_weights = None
+        if importance_correction != "none":
+            log_ratio = sampler_log_ratio(old, batch.sampler_logp[rows].to(device), mb_mask, level)
+            is_weights = importance_weights(log_ratio, importance_correction, importance_cap)
+            if entropy is not None:
+                log_ratios.append(log_ratio[mb_mask] if level == "token" else log_ratio[mb_mask.any(-1)].flatten())
         loss, metrics = grpo_loss(logp, old, ref_logp[rows] if ref_logp is not None else None, adv[rows], mb_mask,
-                                  eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T)
+                                  eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T,
+                                  is_weights=is_weights)
         if entropy is not None:
             n = mb_mask.sum().clamp(min=1)
             metrics["entropy"] = float((entropy * mb_mask).sum() / n)
@@ -182,6 +199,8 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + (v if k in ("entropy", "sampler_logp_gap") else v / mu)
     policy.eval()
+    if log_ratios:
+        totals.update(importance_ratio_metrics(torch.cat(log_ratios), importance_cap))
     seconds = time.perf_counter() - t0
     totals["flat_batch_skipped"] = 0.0
     totals["update_seconds"] = seconds

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from models.advantages import outcome_advantages, process_advantages
@@ -40,6 +41,14 @@ def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, ep
     return with_columns(table, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
 
 
+def has_sampler_logprobs(table: pa.Table) -> bool:
+    """Whether every row holds the sampler's log-prob of each of its completion tokens."""
+    def lengths(column: str):
+        return pc.list_value_length(table.column(column)).fill_null(0)
+
+    return bool(pc.all(pc.equal(lengths("old_logprobs"), lengths("completion_ids"))).as_py())
+
+
 def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool = False,
                  mask_truncated: bool = False) -> UpdateBatch:
     """The tensors the update needs, from the stored token ids (no re-tokenising); with `drop_flat_groups`
@@ -51,7 +60,7 @@ def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool
         completion_ids=table.column("completion_ids").to_pylist(),
         group_size=group_size,
         advantages=padded(table, "advantages"),
-        sampler_logp=padded(table, "old_logprobs"),
+        sampler_logp=padded(table, "old_logprobs") if has_sampler_logprobs(table) else None,
     )
     truncated = table.column("truncated").to_pylist()
     if drop_flat_groups:
