@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
+.PHONY: demo demo-process test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(ARGS)
+
+# Process supervision on the demo: the learned process RM's step rewards, min-form credit (PURE: a learned
+# PRM's sum is gamed by writing more steps it likes), and the verifier's outcome reward as an anchor.
+PROCESS_ARGS := reward.supervision=process reward.process_credit=min \
+	'reward.sources=[{name: verifier, weight: 1.0}, {name: process_rm, weight: 0.5}]'
+demo-process: install
+	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(PROCESS_ARGS) $(ARGS)
 
 # The paper's unified paradigm on the demo task: SFT, RFT, online RFT, DPO, PPO and GRPO from the same
 # SFT policy with the same sample budget (flows/compare_methods.py).

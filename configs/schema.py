@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 # A run_id names a folder under <artifacts>/runs/: one plain path component, never a way out of it.
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -129,6 +130,13 @@ class SamplingConfig(_Section):
     batch_size: int = Field(64, gt=0, description="rows (prompt x sample) per generate call")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     vllm_sleep_between_steps: bool = False
+    dynamic_sampling: bool = Field(False, description=(
+        "DAPO's dynamic sampling: a step trains on loop.questions_per_step groups whose outputs scored "
+        "differently, sampling rounds of as many new questions until it has them; groups that scored alike are "
+        "never trained on. Off: the paper's one round per step"))
+    dynamic_max_rounds: int = Field(3, gt=0, description=(
+        "dynamic sampling: extra sampling rounds a step may take; a step still short of informative groups "
+        "after them trains on those it has"))
 
     @field_validator("group_size")
     @classmethod
@@ -147,27 +155,40 @@ class SamplingConfig(_Section):
         return t
 
 
-BUILT_IN_REWARDS = ("verifier", "outcome_rm", "process_rm")
+BUILT_IN_REWARDS = ("verifier", "outcome_rm", "process_rm", "overlong")
+# A pretrained reward model's label names its column, `reward_<label>`: a plain identifier.
+REWARD_LABEL_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 class RewardSource(_Section):
+    # Declared before `name`: the check of `name` reads it (a label is a name only a pretrained model may have).
+    model: str | None = Field(None, description=(
+        "a pretrained reward model by hub id or local path (an AutoModelForSequenceClassification with one "
+        "label, scoring prompt + completion); `name` is then your label for it, e.g. helpfulness"))
     name: str = Field(description=(
-        "verifier, outcome_rm, process_rm, or your function as 'package.module:function' (README, Rewards): "
-        "fn(prompts, completions, **fields) -> one float per completion, or one list per completion with a "
-        "float per step"))
+        "verifier, outcome_rm, process_rm, overlong, or your function as 'package.module:function' (README, "
+        "Rewards): fn(prompts, completions, **fields) -> one float per completion, or one list per completion "
+        "with a float per step; with `model`: a label of your choice (its column is reward_<label>)"))
     weight: float = Field(1.0, ge=0, description="a source's share of the reward (a negative one would reward "
                                                  "what the source scores as wrong)")
+    trust_remote_code: bool = Field(False, description="with `model`: run the code its folder or hub repo ships")
+    batch_size: int = Field(16, gt=0, description="with `model`: completions per forward pass of the reward model")
 
     @field_validator("name")
     @classmethod
-    def _built_in_or_importable(cls, name: str) -> str:
+    def _built_in_or_importable(cls, name: str, info: ValidationInfo) -> str:
         from stages.custom_rewards import is_function_path, load_reward_function
 
+        if info.data.get("model") is not None:
+            if name in BUILT_IN_REWARDS or not re.fullmatch(REWARD_LABEL_PATTERN, name):
+                raise ValueError(f"{name!r}: a pretrained model's label must be a plain identifier (letters, digits, "
+                                 f"'_') other than {', '.join(BUILT_IN_REWARDS)}: it names the column reward_<label>")
+            return name
         if name in BUILT_IN_REWARDS:
             return name
         if not is_function_path(name):
             raise ValueError(f"{name!r}: not one of {', '.join(BUILT_IN_REWARDS)}, nor a function's import path "
-                             "'package.module:function'")
+                             "'package.module:function', nor the label of a source with a `model`")
         load_reward_function(name)
         return name
 
@@ -186,6 +207,9 @@ class RewardConfig(_Section):
     process_credit: Literal["sum", "min"] = Field("sum", description=(
         "process supervision: a token's advantage is the sum of the normalised rewards of the steps from its "
         "own on (the paper), or their minimum (PURE: a learned PRM's sum can be gamed by adding steps it likes)"))
+    overlong_buffer: int = Field(16, gt=0, description=(
+        "source overlong (DAPO's soft overlong punishment): its score falls linearly from 0 to -1 over the last "
+        "this many tokens before sampling.max_new_tokens"))
     verifier: VerifierConfig = VerifierConfig()
 
     @field_validator("sources")
@@ -195,6 +219,10 @@ class RewardConfig(_Section):
             raise ValueError("empty: list at least one of verifier, outcome_rm, process_rm")
         if all(s.weight == 0 for s in sources):
             raise ValueError("every weight is 0, so every reward is 0 and nothing is learned")
+        names = [s.name for s in sources]
+        for s in sources:
+            if s.model is not None and names.count(s.name) > 1:  # one column per label: two models would share it
+                raise ValueError(f"{s.name!r} is listed twice: give each pretrained model a label of its own")
         return sources
 
 
@@ -216,6 +244,12 @@ class GRPOConfig(_Section):
     mask_truncated: bool = Field(False, description=(
         "leave completions cut by sampling.max_new_tokens out of the loss (DAPO's overlong filtering); their "
         "rewards still count in their group's advantages"))
+    importance_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "none", description=(
+            "weight each token's surrogate by the trainer's probability of it over the sampler's (vLLM, bf16): "
+            "per token or per output, capped at importance_cap (truncate) or dropped beyond it (mask); none: the "
+            "paper's loss"))
+    importance_cap: float = Field(3.0, gt=1, description="the importance weight's cap (TRL's default 3)")
     warn_after_flat_steps: int = Field(3, gt=0, description=(
         "a step whose groups all have one reward each learns nothing and takes no optimizer step; after this "
         "many in a row the run warns and its MLflow run is tagged"))
@@ -321,6 +355,16 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("reward")
+    @classmethod
+    def _overlong_buffer_fits(cls, reward: RewardConfig, info: ValidationInfo) -> RewardConfig:
+        sampling = info.data.get("sampling")  # absent when sampling itself is invalid (reported there)
+        if sampling is not None and any(s.name == "overlong" for s in reward.sources) \
+                and reward.overlong_buffer >= sampling.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({reward.overlong_buffer}) must be below sampling.max_new_tokens "
+                             f"({sampling.max_new_tokens}): the penalty starts that many tokens before the limit")
+        return reward
 
     @field_validator("run_id")
     @classmethod

@@ -6,6 +6,8 @@
         for step = 1..M:
             rollouts   <- sample_groups(policy, questions)    G outputs per question
             rollouts   <- score_rollouts(rollouts)            verifier / outcome RM / process RM
+                          (DAPO's dynamic sampling: both again on new questions until the groups whose
+                           outputs scored differently fill the step; only those are kept)
             rollouts   <- compute_advantages(rollouts)        group-relative; the step's Parquet, written once
             policy     <- grpo_update(policy, rollouts)       mu clipped updates, KL to reference
         reward models <- retrain on this iteration's samples + 10% replay
@@ -22,6 +24,7 @@ import time
 import uuid
 from functools import lru_cache
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
@@ -30,6 +33,7 @@ from configs import PipelineConfig, UserError
 from models.trainer import NonFiniteUpdateError
 from flows.cli import config_from_args, config_parser, one_line, preflight
 from problems.datasets import draw_questions, read_problems
+from stages import dynamic_sampling
 from stages.checkpoints import copy_checkpoint
 from stages.evaluation import Evaluation
 from stages.run_layout import RunLayout
@@ -51,9 +55,38 @@ def train_problems(path: str) -> list[dict]:
     return read_problems(path)
 
 
-def pick_questions(train_path: str, cfg: PipelineConfig, step: int) -> list[dict]:
-    return draw_questions(train_problems(train_path), cfg.loop.questions_per_step,
-                          f"{cfg.data.seed}-{cfg.model.seed}-{step}")
+def pick_questions(train_path: str, cfg: PipelineConfig, step: int, sampling_round: int = 0,
+                   drawn: frozenset[str] = frozenset()) -> list[dict]:
+    """The questions of `step`'s sampling round `sampling_round` (0: the step's own; 1, 2, ...: dynamic
+    sampling's), none of the ids in `drawn`: a seeded draw, so a redone step asks the same ones."""
+    key = f"{cfg.data.seed}-{cfg.model.seed}-{step}" + (f"-round{sampling_round}" if sampling_round else "")
+    pool = [p for p in train_problems(train_path) if str(p["id"]) not in drawn]
+    return draw_questions(pool, cfg.loop.questions_per_step, key)
+
+
+def scored_groups(cfg: PipelineConfig, run: RunJournal, train_path: str, step: int) -> pa.Table:
+    """The step's groups, sampled and scored: `loop.questions_per_step` questions, G outputs each. Under
+    `sampling.dynamic_sampling` (DAPO) rounds of as many new questions follow while the step has fewer
+    groups whose outputs scored differently, `sampling.dynamic_max_rounds` at most, and only those groups
+    are kept (stages/dynamic_sampling.py). The whole loop runs before the step's Parquet is written, so a
+    redone step reads back what it trained on."""
+    s, wanted = cfg.sampling, cfg.loop.questions_per_step
+    rounds: list[pa.Table] = []
+    drawn: frozenset[str] = frozenset()
+    found = 0
+    for sampling_round in range(1 + (s.dynamic_max_rounds if s.dynamic_sampling else 0)):
+        questions = pick_questions(train_path, cfg, step, sampling_round, drawn)
+        if not questions:
+            break  # earlier rounds drew every train question
+        rollouts = sample_groups(cfg, run.policy, questions, step, sampling_round)
+        rounds.append(score_rollouts(cfg, rollouts, run.tokenizer, run.reward_models))
+        drawn |= {str(q["id"]) for q in questions}
+        found += len(dynamic_sampling.informative_groups(rounds[-1], s.group_size, cfg.reward.supervision))
+        if found >= wanted:
+            break
+    if not s.dynamic_sampling:
+        return rounds[0]
+    return dynamic_sampling.keep_informative(rounds, wanted, s.group_size, cfg.reward.supervision)
 
 
 @flow(name="grpo-iteration", flow_run_name="iteration-{iteration}")
@@ -66,9 +99,8 @@ def grpo_iteration(config: PipelineConfig, state: RunState, iteration: int, trai
         run.start_step()
         rollouts = run.stored_rollouts(iteration, step)  # a step redone after a crash keeps its samples
         if rollouts is None:
-            rollouts = sample_groups(cfg, run.policy, pick_questions(train_path, cfg, step), step)
-            rollouts = score_rollouts(cfg, rollouts, run.tokenizer, run.reward_models)
-            rollouts = compute_advantages(cfg, rollouts)
+            rollouts = scored_groups(cfg, run, train_path, step)  # sample_groups -> score_rollouts, in rounds
+            rollouts = compute_advantages(cfg, rollouts)            # over the kept groups: the update's batch
             run.save_rollouts(iteration, step, rollouts)
         run.policy, update = grpo_update(cfg, run.policy, run.reference, rollouts, *run.checkpoint(step))
         run.end_step(step, rollouts, update)  # metrics; a commit when the checkpoint was written

@@ -80,3 +80,21 @@ def math_shepherd_labels(results: Sequence[Sequence[bool]], mode: str = "hard") 
         hits = sum(bool(x) for x in r)
         labels.append(float(hits > 0) if mode == "hard" else hits / len(r))
     return labels
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) of a completion of `length` tokens, with
+    L_max = `max_len` (the sampling limit) and L_cache = `buffer`:
+
+        R = 0                                        if length <= L_max - L_cache
+        R = ((L_max - L_cache) - length) / L_cache   if L_max - L_cache < length <= L_max
+        R = -1                                       if length > L_max
+
+    The penalty grows linearly from 0 to -1 across the last `buffer` tokens: length is punished by
+    degrees as it nears the limit, not by one cliff at it that a sound but long answer falls off too.
+    """
+    if not 0 < buffer < max_len:
+        raise ValueError(f"the overlong buffer ({buffer}) must be above 0 and below the length limit ({max_len})")
+    if length > max_len:
+        return -1.0
+    return min(0.0, ((max_len - buffer) - length) / buffer)

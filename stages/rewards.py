@@ -1,6 +1,7 @@
 """Scoring a step's rollouts: reward columns added to its table, in memory.
 
-`score_rollouts(table, reward_cfg, tokenizer=..., reward_models=...)` adds `SCORE_FIELDS`:
+`score_rollouts(table, reward_cfg, tokenizer=..., reward_models=..., pretrained=..., max_new_tokens=...)` adds
+`SCORE_FIELDS`:
 - `step_ends`: completion-token indices where each step ends (newline tokens; the last token),
 - `step_labels`: the verifier's per-step correctness, one per step end,
 - `reward`: the weighted sum of the sources' outcome views (see `models.rewards`),
@@ -8,8 +9,9 @@
 plus `reward_<source>` (each source's outcome view, `reward_column`) and `reward_errors` (the sources
 that failed on the row and were scored 0 under `on_error: zero`; empty otherwise).
 
-Sources: `verifier` (problems.verify), the learned `outcome_rm` / `process_rm`, and a user's function
-named by import path (stages.custom_rewards).
+Sources: `verifier` (problems.verify), the learned `outcome_rm` / `process_rm`, `overlong` (DAPO's soft
+length penalty, models.rewards.overlong_penalty), a pretrained reward model under the user's label
+(stages.pretrained_rewards), and a user's function named by import path (stages.custom_rewards).
 
 A source that raises or gives a non-finite score for a row fails the call with a message naming the
 row (question_id, sample_index) and the source, unless `reward_cfg.on_error == "zero"`; a source that
@@ -24,10 +26,11 @@ import pyarrow as pa
 
 from models.advantages import delimiter_token_ids, step_ends_from_tokens
 from models.reward_model import ValueHeadRewardModel
-from models.rewards import (combine_outcome, combine_process, is_bad, outcome_from_steps, source_weights,
-                            steps_from_outcome)
+from models.rewards import (combine_outcome, combine_process, is_bad, outcome_from_steps, overlong_penalty,
+                            source_weights, steps_from_outcome)
 from problems.verify import is_correct, split_steps, step_correctness
 from stages.custom_rewards import call_reward_function, checked_score, is_function_path, load_reward_function
+from stages.pretrained_rewards import PretrainedRewardModel, pretrained_scores
 from stages.rollout_store import with_columns
 
 RM_SOURCES = {"outcome_rm": "outcome", "process_rm": "process"}
@@ -149,15 +152,20 @@ def _function_scores(fn, rows: list[dict], texts: list[str], steps: list[list[st
 
 
 def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
-                   reward_models: Mapping[str, ValueHeadRewardModel] | None = None, batch_size: int = 64) -> pa.Table:
+                   reward_models: Mapping[str, ValueHeadRewardModel] | None = None,
+                   pretrained: Mapping[str, PretrainedRewardModel] | None = None,
+                   max_new_tokens: int | None = None, batch_size: int = 64) -> pa.Table:
     """`table` (a step's sampled rows) with the reward columns added.
 
-    reward_cfg: a `RewardConfig` (sources, on_error, rm_score). tokenizer: the policy's tokenizer.
-    reward_models: the loaded learned reward models, keyed by source name.
+    reward_cfg: a `RewardConfig` (sources, on_error, rm_score, overlong_buffer). tokenizer: the policy's
+    tokenizer. reward_models: the loaded learned reward models, keyed by source name. pretrained: the
+    loaded pretrained reward models, keyed by their sources' labels. max_new_tokens: the sampling limit
+    (`overlong` needs it).
     """
     rows = table.select([c for c in ("question_id", "sample_index", "prompt", "prompt_ids", "completion_ids",
                                      "completion", "answer", "solution") if c in table.column_names]).to_pylist()
     weights = source_weights(reward_cfg.sources)
+    pretrained_sources = {s.name: s for s in reward_cfg.sources if s.model is not None}
     delims = delimiter_token_ids(tokenizer)
     prompts = [r["prompt_ids"] for r in rows]
     completions = [r["completion_ids"] for r in rows]
@@ -165,6 +173,9 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
     last_number = reward_cfg.verifier.last_number
     step_labels = [verifier_step_labels(tokenizer, c, e, r.get("solution") or "", r["answer"], last_number=last_number)
                    for r, c, e in zip(rows, completions, step_ends)]
+
+    texts = [r["completion"] if r.get("completion") is not None
+             else tokenizer.decode(completions[i], skip_special_tokens=True) for i, r in enumerate(rows)]
 
     outcome: dict[str, list[float]] = {}
     process: dict[str, list[list[float]]] = {}
@@ -201,9 +212,20 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
                 else:
                     out_v.append(outcome_from_steps(v))
                     proc_v.append([float(x) for x in v])
+        elif name == "overlong":
+            if max_new_tokens is None:
+                raise RewardError("reward source 'overlong' is configured but no max_new_tokens was given")
+            out_v = [overlong_penalty(n, max_new_tokens, reward_cfg.overlong_buffer)
+                     for n in table.column("completion_length").to_pylist()]
+            proc_v = [steps_from_outcome(v, len(e)) for v, e in zip(out_v, step_ends)]
+        elif name in pretrained_sources:
+            rm = (pretrained or {}).get(name)
+            if rm is None:
+                raise RewardError(f"reward source {name!r} is configured but its model was not given")
+            out_v, errors = pretrained_scores(rm, [r.get("prompt") or "" for r in rows], texts,
+                                              pretrained_sources[name].batch_size)
+            proc_v = [steps_from_outcome(v, len(e)) for v, e in zip(out_v, step_ends)]
         elif is_function_path(name):
-            texts = [r["completion"] if r.get("completion") is not None
-                     else tokenizer.decode(completions[i], skip_special_tokens=True) for i, r in enumerate(rows)]
             steps = [step_texts(tokenizer, c, e) for c, e in zip(completions, step_ends)]
             out_v, proc_v, errors = _function_scores(load_reward_function(name), rows, texts, steps)
         else:

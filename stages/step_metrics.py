@@ -54,10 +54,12 @@ def zeroed_note(metrics: dict[str, float]) -> str:
 
 
 def rm_thresholds(reward_cfg) -> dict[str, float]:
-    """The learned reward models among `reward_cfg.sources` (a `RewardConfig`) and the score above which each
-    calls an output right: 0.5 for a probability, 0 for a logit (`reward.rm_score`)."""
+    """The reward models among `reward_cfg.sources` (a `RewardConfig`), learned or pretrained, and the score
+    above which each calls an output right: 0.5 for a probability, 0 for a logit (`reward.rm_score`; a
+    pretrained model's score is its logit)."""
     threshold = 0.5 if reward_cfg.rm_score == "probability" else 0.0
-    return {s.name: threshold for s in reward_cfg.sources if s.name in RM_SOURCES}
+    learned = {s.name: threshold for s in reward_cfg.sources if s.name in RM_SOURCES}
+    return {**learned, **{s.name: 0.0 for s in reward_cfg.sources if s.model is not None}}  # pretrained: a logit
 
 
 def reward_model_agreement(t: pa.Table, thresholds: Mapping[str, float]) -> dict[str, float]:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from prefect import get_run_logger
 
 from configs import PipelineConfig
+from stages.dynamic_sampling import drawn_metrics, dynamic_note
 from stages.evaluation import Evaluation
 from stages.faults import crash_point
 from stages.rollout_store import read_rollouts, write_atomic
@@ -110,7 +111,7 @@ class RunJournal:
         now = time.perf_counter()
         self._wall += now - t0
         self._cpu += time.process_time() - cpu0
-        metrics = {**rollout_metrics(rollouts, self.cfg.sampling.group_size),
+        metrics = {**rollout_metrics(rollouts, self.cfg.sampling.group_size), **drawn_metrics(rollouts),
                    **reward_model_agreement(rollouts, rm_thresholds(self.cfg.reward)), **update,
                    "rollout_seconds": self._rollouts_done - t0, "update_step_seconds": now - self._rollouts_done,
                    "step_seconds": now - t0}
@@ -121,7 +122,8 @@ class RunJournal:
                     step // M, step % M + 1, M, metrics["reward_mean"], metrics["accuracy"],
                     metrics["zero_std_group_frac"], metrics.get("kl", 0.0), metrics.get("loss", 0.0),
                     metrics["step_seconds"], (" | no update: every group scored alike" if update["flat_batch_skipped"]
-                                              else "") + zeroed_note(metrics) + agreement_note(metrics))
+                                              else "") + zeroed_note(metrics) + agreement_note(metrics)
+                    + dynamic_note(metrics, self.cfg.loop.questions_per_step))
         self._warn_if_not_learning(step, bool(update["flat_batch_skipped"]))
         ckpt, saved = self.checkpoint(step)
         self._updated_since_commit = not saved

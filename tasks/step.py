@@ -24,13 +24,17 @@ from tasks.workspace import WORKSPACE
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int) -> pa.Table:
-    """G outputs per question from the policy at `policy`, seeded by the step."""
+def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int,
+                  sampling_round: int = 0) -> pa.Table:
+    """G outputs per question from the policy at `policy`, seeded by the step and its sampling round (0: the
+    step's questions; 1, 2, ...: dynamic sampling's further draws, flows/iterative_grpo.py `scored_groups`)."""
     model, tokenizer, _ = WORKSPACE.policy_at(policy, cfg)
     sampler = WORKSPACE.sampler_for(cfg, model, tokenizer)
+    # Rounds a million steps apart: no two (step, round) of a run share a seed, and round 0 keeps the old one.
+    seed = cfg.model.seed * 100_003 + step + 1_000_000 * sampling_round
     with cfg.model.compute():
         table = sampling.sample_groups(sampler, questions, cfg.prompt, group_size=cfg.sampling.group_size,
-                                       seed=cfg.model.seed * 100_003 + step, run_id=cfg.run_id, policy_version=step,
+                                       seed=seed, run_id=cfg.run_id, policy_version=step,
                                        last_number=cfg.reward.verifier.last_number)
     crash_point("sampling")
     return table
@@ -39,10 +43,12 @@ def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step:
 @task(cache_policy=NO_CACHE, **RETRY)
 def score_rollouts(cfg: PipelineConfig, rollouts: pa.Table, tokenizer: str, reward_models: dict[str, str]) -> pa.Table:
     """Reward columns from the configured sources; `tokenizer`: a checkpoint whose tokenizer to use;
-    `reward_models`: learned source -> checkpoint."""
+    `reward_models`: learned source -> checkpoint (pretrained reward models come from the config)."""
     models = {name: WORKSPACE.reward_model_at(name, path, cfg) for name, path in reward_models.items()}
+    pretrained = {s.name: WORKSPACE.pretrained_reward_model(s, cfg) for s in cfg.reward.sources if s.model is not None}
     table = rewards.score_rollouts(rollouts, cfg.reward, tokenizer=WORKSPACE.tokenizer_at(tokenizer, cfg),
-                                   reward_models=models)
+                                   reward_models=models, pretrained=pretrained,
+                                   max_new_tokens=cfg.sampling.max_new_tokens)
     crash_point("scoring")
     return table
 
@@ -72,7 +78,8 @@ def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.T
             metrics = run_grpo_update(model, optimizer, batch,
                                       pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
                                       eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,
-                                      grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size)
+                                      grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
+                                      importance_correction=g.importance_correction, importance_cap=g.importance_cap)
             metrics["rows_trained"] = float(len(batch))
     except BaseException:
         WORKSPACE.forget_policy()  # the live weights may be part-updated: nothing may take them for `policy`

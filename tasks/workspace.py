@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from configs import PipelineConfig
+from configs.schema import RewardSource
 from models.loading import load_policy, load_tokenizer
 from models.lora import (AdaptersOff, add_adapters, base_of, is_adapter_checkpoint, load_adapters, merged_state_dict,
                          trainable_parameters)
@@ -20,6 +21,7 @@ from models.reward_model import ValueHeadRewardModel
 from models.samplers import make_sampler
 from problems.prompts import stop_marker
 from stages.checkpoints import load_optimizer
+from stages.pretrained_rewards import PretrainedRewardModel, load_pretrained_reward_model
 
 
 class Workspace:
@@ -33,6 +35,7 @@ class Workspace:
         self.sampler_backend: str | None = None
         self.sampler_ckpt: str | None = None
         self.reward_models: dict[str, tuple[str, object]] = {}
+        self.pretrained_reward_models: dict[tuple[str, bool], PretrainedRewardModel] = {}
         self.tokenizers: dict[str, object] = {}
 
     def _load(self, ckpt: str, cfg: PipelineConfig):
@@ -113,6 +116,15 @@ class Workspace:
             rm.eval()
             self.reward_models[name] = (str(path), rm)
         return self.reward_models[name][1]
+
+    def pretrained_reward_model(self, source: RewardSource, cfg: PipelineConfig) -> PretrainedRewardModel:
+        """The pretrained reward model of `source` (a source with `model`), loaded once: it never
+        trains, so it serves every step of the run."""
+        key = (source.model, source.trust_remote_code)
+        if key not in self.pretrained_reward_models:
+            self.pretrained_reward_models[key] = load_pretrained_reward_model(source, device=cfg.model.device,
+                                                                              dtype=cfg.model.dtype)
+        return self.pretrained_reward_models[key]
 
     def reference_at(self, ckpt: str | Path, cfg: PipelineConfig):
         """The frozen reference model at `ckpt`: under LoRA the live policy with its adapters off when

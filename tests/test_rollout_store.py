@@ -133,6 +133,7 @@ def test_reward_hacking_monitor_by_hand():
                       "reward_verifier": [1.0, 0.0, 1.0, 0.0, 0.0]})
     cfg = RewardConfig(sources=[{"name": "verifier"}, {"name": "outcome_rm"}])
     assert rm_thresholds(cfg) == {"outcome_rm": 0.5}
+    assert rm_thresholds(RewardConfig(sources=[{"name": "helpful", "model": "some/rm"}])) == {"helpful": 0.0}
     m = reward_model_agreement(table, rm_thresholds(cfg))
     assert m == pytest.approx({"rm_auc/outcome_rm": 5 / 6, "rm_accuracy/outcome_rm": 0.8,
                                "rm_gap/outcome_rm": 0.56 - 0.4})
