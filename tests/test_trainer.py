@@ -226,3 +226,32 @@ def test_dropping_the_longest_rows_narrows_the_batch_to_the_rest(tiny):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     metrics = grpo_update(model, opt, batch, pad_id=tok.pad_token_id, beta=0.0)
     assert metrics["flat_batch_skipped"] == 0.0 and math.isfinite(metrics["loss"])
+
+
+def test_truncated_completions_get_zero_gradient(tiny):
+    """Under mask_truncated the cut row's tokens and advantage do not matter: two batches that differ only
+    in it (other tokens, an advantage of another sign) move the weights identically."""
+    from stages.advantages import update_batch
+
+    model, tok = tiny
+
+    def table(cut_tokens, cut_advantage):
+        return pa.table({
+            "prompt_ids": [[5, 6]] * 2 + [[7, 8]] * 2,
+            "completion_ids": [[9, 10], cut_tokens, [10, 11], [12]],
+            "advantages": pa.array([[0.5] * 2, [cut_advantage] * len(cut_tokens), [0.5] * 2, [-0.5]],
+                                   type=pa.list_(pa.float32())),
+            "old_logprobs": pa.array([[-1.0] * 2, [-1.0] * len(cut_tokens), [-1.0] * 2, [-1.0]],
+                                     type=pa.list_(pa.float32())),
+            "truncated": [False, True, False, False],
+        })
+
+    after = []
+    for cut_tokens, cut_advantage in (([11, 12, 13], -0.5), ([3, 4, 5, 6, 7], 4.0)):
+        m = copy.deepcopy(model)
+        batch = update_batch(table(cut_tokens, cut_advantage), 2, mask_truncated=True)
+        assert len(batch) == 3
+        grpo_update(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, pad_id=tok.pad_token_id, beta=0.0)
+        after.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+    assert not all(torch.equal(a, b) for a, b in zip(after[0], model.parameters()))  # the update did move them
