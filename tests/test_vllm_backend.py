@@ -146,3 +146,26 @@ def test_smollm2_with_chat_prompts_samples_and_takes_new_weights():
         assert after < 1e-3 and gap(AdaptersOff(policy))[0] > 1e-2
     finally:
         sampler.close()
+
+
+def test_importance_correction_on_vllm_rollouts(engine, tiny):
+    """The sampler/trainer correction on vLLM's own rows: the ratio is computed from its stored log-probs
+    against the trainer's, and in float32 on the same weights it is 1 everywhere (nothing capped)."""
+    import copy
+
+    from models.trainer import UpdateBatch, grpo_update
+
+    cfg, sampler = engine
+    prompts = _prompts(sampler.tokenizer)
+    outs = sampler.sample(prompts, n=G, seed=5)
+    T = max(len(o.token_ids) for o in outs)
+    sampler_logp = torch.zeros(len(outs), T)
+    for i, o in enumerate(outs):
+        sampler_logp[i, : len(o.logprobs)] = torch.tensor(o.logprobs)
+    batch = UpdateBatch([p for p in prompts for _ in range(G)], [o.token_ids for o in outs], group_size=G,
+                        advantages=torch.tensor([1.0, -1.0] * G), sampler_logp=sampler_logp)
+    model = copy.deepcopy(tiny[0])
+    metrics = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                          pad_id=sampler.tokenizer.pad_token_id, beta=0.0, importance_correction="token_truncate")
+    assert abs(metrics["is_ratio_min"] - 1) < 1e-3 and abs(metrics["is_ratio_max"] - 1) < 1e-3
+    assert metrics["is_capped_frac"] == 0.0
