@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
+                      field_validator, model_validator)
 
 # A run_id names a folder under <artifacts>/runs/: one plain path component, never a way out of it.
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -53,7 +54,8 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    policy: str = Field("tiny", description='"tiny" (built-in demo model), a hub id, or a local path')
+    policy: str = Field("tiny", description='"tiny" (built-in demo model), a hub id, a local path, or a registered '
+                                            'version (models:/<name>@best, models:/<name>/<version>)')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:1", ...')
     trust_remote_code: bool = False
@@ -326,9 +328,42 @@ class ControlConfig(_Section):
         "after RL, continue SFT (same worked solutions) from the same start for RL's CPU time"))
 
 
+def masked_uri(uri: str) -> str:
+    """`uri` with the password of its user info as `***` (postgresql://user:***@host/db): how the URI is
+    written anywhere (config.yaml, MLflow params, Prefect parameters, logs)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+
+
 class TrackingConfig(_Section):
     mlflow_uri: str | None = Field(None, description="default: sqlite:///<artifacts_root>/mlflow.db")
     experiment: str = "iterative-grpo"
+    registered_model: str | None = Field(None, description=(
+        "registry name of the policy's versions, one per iteration (default: the experiment's name); a "
+        "learned reward model's are <name>-<source> (outcome_rm, process_rm)"))
+
+    @field_serializer("mlflow_uri")
+    def _without_password(self, uri: str | None) -> str | None:
+        # Every dump (config.yaml, MLflow params, Prefect's record of the flow's parameters) is masked;
+        # the run connects with the attribute itself (PipelineConfig.mlflow_uri).
+        return None if uri is None else masked_uri(uri)
+
+    @model_validator(mode="after")
+    def _registry_name_allowed(self):
+        # Checked here, not when the first iteration ends: MLflow refuses such a name only then.
+        name = self.registry_name()
+        if not name.strip() or any(c in name for c in "/:"):
+            raise ValueError(f"registered_model: {name!r} cannot name a registered model (empty, or a '/' or ':' "
+                             "in it)" + ("" if self.registered_model else "; it defaults to tracking.experiment: "
+                                                                         "set tracking.registered_model"))
+        return self
+
+    def registry_name(self) -> str:
+        """The registered model of the policy (`registered_model`, default the experiment's name)."""
+        return self.registered_model or self.experiment
 
 
 class StorageConfig(_Section):

@@ -27,6 +27,10 @@ def preflight(cfg: PipelineConfig) -> None:
     from models.loading import check_model_source
     from problems.datasets import BUILT_IN, load_splits
 
+    if cfg.model.policy.startswith("models:/"):  # a registry reference: check the folder of its version
+        from tasks.registry import resolve_policy
+
+        cfg = resolve_policy(cfg)[0]
     check_model_source(cfg.model.policy)
     if cfg.data.prompt_set == "gsm_symbolic":  # generated, so it cannot be malformed; needs its extra
         import importlib.util

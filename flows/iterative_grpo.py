@@ -30,6 +30,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, UserError
+from configs.schema import masked_uri
 from models.trainer import NonFiniteUpdateError
 from flows.cli import config_from_args, config_parser, one_line, preflight
 from problems.datasets import draw_questions, read_problems
@@ -40,7 +41,7 @@ from stages.run_layout import RunLayout
 from stages.run_lock import hold_run_lock
 from stages.run_state import (MetricRecord, RunState, check_same_config, commit, committed_records,
                               cut_uncommitted, read_state)
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.journal import RunJournal
 from tasks.prefect_runs import mark_crashed_flow_runs, reap_temporary_server_with_this_process, run_tag
 from stages.prepare import start_label
@@ -153,7 +154,10 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
     if cfg.algorithm != "grpo":
         raise UserError(f"algorithm: {cfg.algorithm!r} runs in flows/compare_methods.py (make compare); "
                         "this flow is iterative GRPO")
-    preflight(cfg)  # a deployment's run gets its config here, not from the command line
+    # model.policy as a registry reference (models:/<name>@best): the run starts from that version's folder;
+    # the config keeps the reference as given (a resume needs no start: the run folder holds a copy)
+    start, start_version = registry.resolve_policy(cfg)
+    preflight(start)  # a deployment's run gets its config here, not from the command line
     if cfg.threads:
         import torch
 
@@ -164,10 +168,12 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
         train_path, test_path = prepare_data(cfg)
         warn_if_few_questions(cfg, train_path)
         mlflow_run_id = tracking.open_run(cfg, cfg.run_id, flow_run.id)
+        if start_version:
+            registry.link_input(cfg, mlflow_run_id, start_version)
         create_link_artifact(tracking.run_url(cfg, mlflow_run_id), link_text=f"MLflow run {cfg.run_id}",
                              key="mlflow-run", description="Metrics, params and artifacts of this pipeline run")
         try:
-            state = open_run_folder(cfg, layout, mlflow_run_id) or start_run(cfg, layout, test_path, mlflow_run_id)
+            state = open_run_folder(cfg, layout, mlflow_run_id) or start_run(start, layout, test_path, mlflow_run_id)
             summary = run_iterations(cfg, state, train_path, test_path, mlflow_run_id)
         except BaseException as err:
             tracking.finish_run(cfg, mlflow_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -249,9 +255,9 @@ Held-out greedy accuracy: {summary['initial_accuracy']:.3f} ({summary['start']})
 after {summary['rl_seconds']:.0f} s of RL{summary['sampled']}{control}
   rollouts:     {summary['run_dir']}/rollouts/  (Parquet, hive-partitioned by iteration and step)
   checkpoints:  {summary['run_dir']}/checkpoints/
-  MLflow run:   {summary['mlflow_run_id']} in {cfg.mlflow_uri()}
+  MLflow run:   {summary['mlflow_run_id']} in {masked_uri(cfg.mlflow_uri())}
 Open the UIs:
-  .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri {cfg.mlflow_uri()} --default-artifact-root {root / 'mlartifacts'}
+  .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri {masked_uri(cfg.mlflow_uri())} --default-artifact-root {root / 'mlartifacts'}
   .venv/bin/prefect server start --host 127.0.0.1     (flow runs of this machine, http://127.0.0.1:4200)
 Resume or extend this run: python -m flows.iterative_grpo --config <same config> run_id={summary['run_id']}""")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ def add_adapters(model, lora_cfg, seed: int):
 
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _peft_reads_deprecated_property():
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
@@ -48,7 +50,17 @@ def load_adapters(base_model, adapter_dir: str | Path):
     """A trainable LoRA policy: `base_model` (already loaded from `base_of(adapter_dir)`) + saved adapters."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+    with _peft_reads_deprecated_property():
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+
+
+@contextmanager
+def _peft_reads_deprecated_property():
+    """peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecates with a FutureWarning
+    on every wrap, whatever the caller passes: silenced there alone (nothing of ours reads it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def point_at_base(peft_model, base_dir: str | Path, adapter_dir: str | Path) -> None:

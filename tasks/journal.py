@@ -24,7 +24,7 @@ from stages.run_layout import RunLayout
 from stages.run_state import MetricRecord, RunState, commit
 from stages.step_metrics import (agreement_note, reward_model_agreement, rm_thresholds, rollout_metrics,
                                  zeroed_note)
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.step import merge_adapters
 
 
@@ -187,6 +187,9 @@ class RunJournal:
 
     def end_iteration(self, iteration: int, policy: str, ev: Evaluation) -> None:
         crash_point("final_eval" if iteration == self.cfg.loop.iterations - 1 else "iteration_eval")
+        # Before the commit, which prunes the step checkpoint LoRA's adapters are registered from (a resumed
+        # run redoes an uncommitted registration and finds what it had registered)
+        registry.register_iteration(self.cfg, self.mlflow_run_id, self.layout, self.state, iteration, policy, ev)
         M = self.cfg.loop.steps_per_iteration
         self.record((iteration + 1) * M, ev.metrics(), prefix="eval/")
         self.commit(iteration=iteration + 1, policy=self.layout.ref(policy), last_eval=ev)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import DatasetInput, InputTag
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -46,8 +44,9 @@ def _curve_png(cfg: PipelineConfig, mlflow_run_id: str, out: Path) -> Path:
 @task(cache_policy=NO_CACHE)
 def iteration_report(cfg: PipelineConfig, run_dir: str, iteration: int, mlflow_run_id: str,
                      evaluation: Evaluation) -> None:
-    """Curve PNG, sample table and rollout lineage to MLflow; summary and samples to Prefect. Safe to
-    repeat (a resumed run redoes a report a killed process had not finished)."""
+    """Curve PNG and sample table to MLflow (the rollouts' lineage is logged with the iteration's models,
+    tasks/registry.py); summary and samples to Prefect. Safe to repeat (a resumed run redoes a report a
+    killed process had not finished)."""
     layout = RunLayout(Path(run_dir))
     df = open_rollouts(layout.iteration_rollouts(iteration)).to_table().to_pandas()
     df["iteration"] = iteration
@@ -59,12 +58,6 @@ def iteration_report(cfg: PipelineConfig, run_dir: str, iteration: int, mlflow_r
     table_file = f"samples/iteration-{iteration}.json"
     if table_file not in {a.path for a in client.list_artifacts(mlflow_run_id, "samples")}:  # log_table appends
         client.log_table(mlflow_run_id, data=samples.astype({"correct": bool}), artifact_file=table_file)
-    # Lineage: the iteration's rollout folder as an MLflow dataset input of the run.
-    source = str(layout.iteration_rollouts(iteration))
-    flat = df[[c for c in df.columns if df[c].dtype != object or isinstance(df[c].iloc[0], str)]]
-    dataset = mlflow.data.from_pandas(flat, source=source, name=f"rollouts-iteration-{iteration}")
-    client.log_inputs(mlflow_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                            tags=[InputTag("mlflow.data.context", "training")])])
     ev = evaluation
     sampled = (f"| held-out Maj@{ev.k} / Pass@{ev.k} (first {ev.sample_questions}) | "
                f"{ev.maj_at_k:.3f} / {ev.pass_at_k:.3f} |\n") if ev.k else ""

@@ -13,13 +13,21 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+import mlflow
+import pyarrow as pa
+from mlflow.data.dataset_source_registry import get_registered_sources
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from configs import PipelineConfig, dump_config
+from stages.rollout_store import open_rollouts
 from stages.run_state import MetricRecord
 
 RUN_TAG = "pipeline_run_id"
+# The experiment's kind for MLflow's UI: model training, so it opens on the runs and their charts (not
+# on GenAI traces, and without guessing the kind from the first runs it finds).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
@@ -56,7 +64,7 @@ def experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
         if exp is not None:
             return exp.experiment_id
         location = (cfg.artifacts() / "mlartifacts").as_uri()
-        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def open_run(cfg: PipelineConfig, run_id: str, flow_run_id: str | None = None) -> str:
@@ -135,6 +143,30 @@ def send_missing(cfg: PipelineConfig, mlflow_run_id: str, records: list[MetricRe
             missing.append(r)
     log_records(cfg, mlflow_run_id, missing, synchronous=True)
     return len(missing)
+
+
+def log_rollouts(cfg: PipelineConfig, mlflow_run_id: str, rollouts_dir: Path, name: str) -> Dataset:
+    """The Parquet rollouts under `rollouts_dir` as a training dataset input of the run: what the policy
+    learned from (lineage). Returns MLflow's record of it (name, digest). Safe to repeat: the run keeps
+    one input per dataset name and digest."""
+    table = open_rollouts(rollouts_dir).to_table()
+    flat = table.select([f.name for f in table.schema if not pa.types.is_nested(f.type)])  # token ids etc.: no schema
+    # Integer columns as float64: MLflow infers a dataset's schema like a model signature's and warns about
+    # every integer column (no missing values in a model's input), which does not apply to a dataset.
+    flat = flat.cast(pa.schema([pa.field(f.name, pa.float64()) if pa.types.is_integer(f.type) else f
+                                for f in flat.schema]))
+    dataset = mlflow.data.from_pandas(flat.to_pandas(), source=_local_source(rollouts_dir), name=name)
+    training = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+    client_for(cfg).log_inputs(mlflow_run_id, datasets=[training])
+    return training.dataset
+
+
+def _local_source(folder: Path):
+    """MLflow's dataset source for a local folder, by its type: a path given as a string is matched against
+    every registered source, and MLflow registers two alike local ones (for plain paths and file: URIs), so
+    it warns that the source is ambiguous."""
+    local = next(s for s in reversed(get_registered_sources()) if s._get_source_type() == "local")
+    return local(Path(folder).resolve().as_uri())
 
 
 def set_tags(cfg: PipelineConfig, mlflow_run_id: str, tags: dict[str, str]) -> None:
