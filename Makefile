@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-process test install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
+.PHONY: demo demo-process test test-ui install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,23 @@ compare: install
 	$(PY) -m flows.compare_methods --config $(CONFIG) threads=1 loop.eval_every=25 tracking.experiment=methods-compared $(ARGS)
 
 # The real-model tests (tests/test_real_model.py) need SmolLM2, converted offline once (smollm2-model).
+# tests/ui is test-ui's: a browser, and live Prefect servers and workers (minutes each).
 test: install smollm2-model
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --ignore=tests/ui $(PYTEST_ARGS)
+
+# The browser test: the demo run from the Prefect UI's form, then found in the Prefect and MLflow UIs, by
+# Selenium driving Debian's chromium and chromium-driver (installed with apt-get when missing: nothing is
+# downloaded from a browser vendor). Screenshots and the servers' logs: artifacts/ui-test/. Then the
+# scheduled-iteration deployment on its own server and worker (tests/ui/test_scheduled_iterations.py).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-ui: $(VENV)/.installed-ui
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	$(PY) -m pytest -q -p no:cacheprovider tests/ui $(PYTEST_ARGS)
+
+$(VENV)/.installed-ui: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[ui]"
+	touch $@
 
 # A real pretrained chat model learning on this CPU: SmolLM2-135M-Instruct with LoRA on the built-in
 # 1-2 step word problems as chat (configs/smollm2-cpu.yaml).

@@ -53,7 +53,7 @@ def test_deployments_point_at_flows_that_accept_their_parameters():
     for dep in _deployments().values():
         assert dep["work_pool"]["name"] == "local-process"
         flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
-        required = {"run_id": "some-run"} if dep["name"] == "one-more-iteration" else {}
+        required = {"run_id": "some-run"} if dep["name"] in ("one-more-iteration", "nightly-iteration") else {}
         flow.validate_parameters({**dep["parameters"], **required})
     (schedule,) = _deployments()["demo"]["schedules"]
     assert schedule["active"] is False and schedule["cron"]
@@ -145,7 +145,7 @@ def test_deploy_all_and_run_through_a_process_worker(tmp_path):
             cli("--no-prompt", "deploy", "--all", timeout=240)
             deployments = http.post("/deployments/filter", json={}).json()
             names = {f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}": d for d in deployments}
-            assert set(names) == {"iterative_grpo/demo", "resume_run/one-more-iteration",
+            assert set(names) == {"iterative_grpo/demo", "resume_run/one-more-iteration", "resume_run/nightly-iteration",
                                   "evaluate_checkpoint/greedy-accuracy", "compare_methods/unified-paradigm"}
             demo = names["iterative_grpo/demo"]
             assert demo["work_pool_name"] == "local-process"
