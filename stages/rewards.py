@@ -186,10 +186,7 @@ def score_rollouts(table: pa.Table, reward_cfg, *, tokenizer,
             out_v, proc_v = [], []
             for i, r in enumerate(rows):
                 try:
-                    text = r.get("completion")
-                    if text is None:
-                        text = tokenizer.decode(completions[i], skip_special_tokens=True)
-                    out_v.append(float(is_correct(text, r["answer"], last_number=last_number)))
+                    out_v.append(float(is_correct(texts[i], r["answer"], last_number=last_number)))
                 except Exception as err:  # noqa: BLE001
                     errors[i] = f"{type(err).__name__}: {err}"
                     out_v.append(0.0)
