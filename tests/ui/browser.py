@@ -11,7 +11,7 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
-                                        TimeoutException)
+                                        StaleElementReferenceException, TimeoutException)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -46,7 +46,8 @@ class Browser:
         """The first visible element at `xpath` (relative to `within` when given), once it is there."""
         scope = within or self.driver
         try:
-            return WebDriverWait(self.driver, timeout).until(
+            # The UIs are React pages: an element found can be re-rendered before it is looked at; look again.
+            return WebDriverWait(self.driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
                 lambda _: next((e for e in scope.find_elements(By.XPATH, xpath) if e.is_displayed()), None))
         except TimeoutException:
             raise AssertionError(f"no element {xpath} after {timeout:.0f} s on {self.driver.current_url}") from None
