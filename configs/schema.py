@@ -370,6 +370,22 @@ class StorageConfig(_Section):
     artifacts_root: str = "artifacts"
 
 
+class ClusterConfig(_Section):
+    """Where the sampler engines and the trainer run (tasks/cluster.py). `local`: in the flow's process, as
+    always. `ray`: sampler replicas and an FSDP2 trainer group as Ray actors, driven by the same flow."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str = Field("", description='Ray cluster to join ("auto", "ray://head:10001"); empty: start a local '
+                                         "Ray for the run")
+    sampler_replicas: int = Field(1, gt=0, description="sampler engines; a step's questions are split across them")
+    trainer_world_size: int = Field(1, gt=0, description="ranks of the FSDP2 trainer (gloo on CPU, NCCL on GPUs)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves for each sampler and each trainer rank")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each sampler and each trainer rank "
+                                                         "(0 on CPU; 1 on a GPU cluster)")
+    colocate: bool = Field(False, description="trainer rank k and sampler k share their GPUs (each asks for half "
+                                              "of gpus_per_actor; vLLM sleeps while the trainer runs)")
+
+
 class PipelineConfig(_Section):
     run_id: str | None = Field(None, description="names the run (its folder under runs/); re-using it resumes the run",
                                json_schema_extra={"pattern": f"^{RUN_ID_PATTERN}$"})
@@ -389,6 +405,7 @@ class PipelineConfig(_Section):
     control: ControlConfig = ControlConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
 
     @field_validator("reward")
@@ -400,6 +417,12 @@ class PipelineConfig(_Section):
             raise ValueError(f"overlong_buffer ({reward.overlong_buffer}) must be below sampling.max_new_tokens "
                              f"({sampling.max_new_tokens}): the penalty starts that many tokens before the limit")
         return reward
+
+    @model_validator(mode="after")
+    def _cluster_supports(self):
+        if self.cluster.backend == "ray" and self.model.lora.enabled:
+            raise ValueError("cluster.backend: ray trains full models only; model.lora.enabled needs the local backend")
+        return self
 
     @field_validator("run_id")
     @classmethod

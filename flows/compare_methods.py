@@ -114,7 +114,7 @@ def step_rows(cfg: PipelineConfig, method: str, s: int, policy: str, sft_ckpt: s
         return ground_truth_rows(cfg, questions, sft_ckpt)
     if pool is not None:
         return method_data.pool_slice(pool, s * q, q)
-    rows = sample_groups(cfg, policy, pick_questions(train_path, cfg, s), s)
+    rows = sample_groups(cfg, policy, pick_questions(train_path, cfg, s), s, sft_ckpt)
     rows = score_rollouts(cfg, rows, sft_ckpt, {})
     return compute_advantages(cfg, rows) if method == "grpo" else rows
 
@@ -140,7 +140,7 @@ def method_run(config: PipelineConfig, method: str, compare_id: str, parent_mlfl
         if method in ("rft", "dpo"):
             # Offline: sampled once, from the SFT model (policy_version 0), for every step's questions, scored.
             everything = [x for s in range(M) for x in pick_questions(train_path, cfg, s)]
-            pool = score_rollouts(cfg, sample_groups(cfg, sft_ckpt, everything, 0), sft_ckpt, {})
+            pool = score_rollouts(cfg, sample_groups(cfg, sft_ckpt, everything, 0, sft_ckpt), sft_ckpt, {})
         for s in range(M):
             t0 = time.perf_counter()
             rows = step_rows(cfg, method, s, policy, sft_ckpt, train_path, pool)
@@ -228,6 +228,10 @@ def compare_methods(config: PipelineConfig = PipelineConfig(), methods: list[str
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {list(ALL_METHODS)}")
     cfg = config
+    if cfg.cluster.backend != "local":
+        logger.info("compare-methods runs every method in this process; ignoring cluster.backend: %s",
+                    cfg.cluster.backend)
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"backend": "local"})})
     rm_sources = [s.name for s in cfg.reward.sources if s.name != "verifier"]
     if rm_sources or cfg.reward.supervision != "outcome":
         # One reward for every method, the rule verifier (RFT and DPO are defined on it; no RM is

@@ -41,7 +41,7 @@ from stages.run_layout import RunLayout
 from stages.run_lock import hold_run_lock
 from stages.run_state import (MetricRecord, RunState, check_same_config, commit, committed_records,
                               cut_uncommitted, read_state)
-from tasks import registry, tracking
+from tasks import cluster, registry, tracking
 from tasks.journal import RunJournal
 from tasks.prefect_runs import mark_crashed_flow_runs, reap_temporary_server_with_this_process, run_tag
 from stages.prepare import start_label
@@ -79,7 +79,7 @@ def scored_groups(cfg: PipelineConfig, run: RunJournal, train_path: str, step: i
         questions = pick_questions(train_path, cfg, step, sampling_round, drawn)
         if not questions:
             break  # earlier rounds drew every train question
-        rollouts = sample_groups(cfg, run.policy, questions, step, sampling_round)
+        rollouts = sample_groups(cfg, run.policy, questions, step, run.tokenizer, sampling_round)
         rounds.append(score_rollouts(cfg, rollouts, run.tokenizer, run.reward_models))
         drawn |= {str(q["id"]) for q in questions}
         found += len(dynamic_sampling.informative_groups(rounds[-1], s.group_size, cfg.reward.supervision))
@@ -178,6 +178,9 @@ def iterative_grpo(config: PipelineConfig = PipelineConfig()) -> dict:
         except BaseException as err:
             tracking.finish_run(cfg, mlflow_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            if cfg.cluster.backend == "ray":
+                cluster.shutdown(cfg)  # the run's actors give their memory and GPUs back
         tracking.finish_run(cfg, mlflow_run_id)
     create_markdown_artifact(summary["report"], key="run-summary", description="Iterative GRPO result")
     return summary

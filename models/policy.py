@@ -97,9 +97,14 @@ def prompt_groups(prompt_ids: list[list[int]]) -> list[int]:
     return groups
 
 
-def _activation_checkpointing(model) -> bool:
-    # A checkpointed layer drops the KV cache when it runs with a graph (its backward would replay it)
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+def _can_share_prompts_with_grad(model) -> bool:
+    """Whether a graph may run through the shared-prompt path. Not with activation checkpointing: a
+    checkpointed layer drops the KV cache when it runs with a graph (its backward would replay it). Not
+    under FSDP2: its backward would need the layers' weights as the prefix pass gathered them, since freed."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return not (isinstance(model, FSDPModule) or any(getattr(m, "gradient_checkpointing", False)
+                                                     for m in model.modules()))
 
 
 def _packed_logprobs(model, pb: PackedBatch, T: int, return_entropy: bool):
@@ -163,7 +168,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
     device = next(model.parameters()).device
     step = micro_batch_size or B or 1
     logps, ents = [], []
-    can_share = not (with_grad and _activation_checkpointing(model))
+    can_share = not with_grad or _can_share_prompts_with_grad(model)
     with nullcontext() if with_grad else torch.no_grad():
         for start in range(0, B, step):
             prompts, completions = prompt_ids[start:start + step], completion_ids[start:start + step]

@@ -96,7 +96,8 @@ def clip_and_step(model, optimizer, loss: float, grad_clip: float) -> float:
     """
     if not math.isfinite(loss):
         raise NonFiniteUpdateError(f"non-finite loss {loss}: update stopped before the optimizer step")
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a replicated DTensor
     if not math.isfinite(norm):
         raise NonFiniteUpdateError(f"non-finite gradient norm {norm}: update stopped before the optimizer step")
     optimizer.step()
@@ -113,13 +114,15 @@ def frozen_logprobs(model, batch: UpdateBatch, pad_id: int, micro_batch_size: in
 
 def accumulate_policy_gradients(policy, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                                 mask: torch.Tensor, loss_of, *, pad_id: int, aggregation: str,
-                                micro_batch_size: int, want_entropy: bool = False) -> dict[str, float]:
+                                micro_batch_size: int, want_entropy: bool = False,
+                                loss_scale: float = 1.0) -> dict[str, float]:
     """Backpropagate a batch's loss micro-batch by micro-batch (the optimizer step is the caller's).
 
     mask: [B, T] completion mask of the whole batch. `loss_of(rows, logp, mb_mask, entropy)` returns
     (loss, metrics) for the micro-batch `rows` (logp, mb_mask, entropy: [b, T]). Each micro-batch's
     loss is weighted by its share of the aggregation's denominator, so the accumulated gradient is
-    the full-batch gradient; metrics come back share-weighted the same way, with "loss".
+    the full-batch gradient; metrics come back share-weighted the same way, with "loss". `loss_scale`
+    multiplies what is backpropagated, not the metrics (a data-parallel rank's weight: models/fsdp.py).
     """
     B, T = mask.shape
     totals: dict[str, float] = {}
@@ -129,7 +132,7 @@ def accumulate_policy_gradients(policy, prompt_ids: list[list[int]], completion_
                                                      width=T, with_grad=True, return_entropy=want_entropy)
         loss, metrics = loss_of(rows, logp, mb_mask, entropy)
         share = micro_batch_share(mask, rows, aggregation)
-        (loss * share).backward()
+        (loss * (share * loss_scale)).backward()
         metrics["loss"] = loss.item()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * share
@@ -139,7 +142,8 @@ def accumulate_policy_gradients(policy, prompt_ids: list[list[int]], completion_
 def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model=None, beta: float = 0.04,
                 mu: int = 1, eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "sequence",
                 grad_clip: float = 1.0, micro_batch_size: int = 64, importance_correction: str = "none",
-                importance_cap: float = 3.0) -> dict[str, float]:
+                importance_cap: float = 3.0, loss_scale: float = 1.0, skip_flat: bool = True,
+                max_len: int | None = None) -> dict[str, float]:
     """Run `mu` optimizer steps of GRPO on `batch`; returns metrics averaged over the inner steps
     (entropy, the sampler/trainer log-prob gap and the importance ratio's statistics: from the first,
     before any update).
@@ -149,7 +153,10 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
 
     A batch whose advantages are all 0 (every group's outputs scored alike) carries no learning signal:
     no optimizer step is taken (AdamW would still move the weights by its decay and its momentum of
-    earlier steps), and the metrics say so with `flat_batch_skipped` = 1."""
+    earlier steps), and the metrics say so with `flat_batch_skipped` = 1.
+
+    For a data-parallel rank (models/fsdp.py): `loss_scale` weights the backpropagated loss, `skip_flat=False`
+    trains a flat share of a batch that is not flat, `max_len` is Dr. GRPO's width (default: the batch's)."""
     if beta > 0 and ref_model is None:
         raise ValueError(f"grpo.beta={beta} needs a reference model")
     if batch.advantages is None:
@@ -157,7 +164,7 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
     if importance_correction != "none" and batch.sampler_logp is None:
         raise ValueError(f"importance correction {importance_correction!r} needs the sampler's log-probs of every "
                          "output (the rollouts' old_logprobs), and this batch has none")
-    if not bool(batch.advantages.ne(0).any()):
+    if skip_flat and not bool(batch.advantages.ne(0).any()):
         return {"flat_batch_skipped": 1.0, "update_seconds": 0.0, "update_tokens_per_s": 0.0}
     t0 = time.perf_counter()
     T = batch.width
@@ -178,7 +185,8 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
             if entropy is not None:
                 log_ratios.append(log_ratio[mb_mask] if level == "token" else log_ratio[mb_mask.any(-1)].flatten())
         loss, metrics = grpo_loss(logp, old, ref_logp[rows] if ref_logp is not None else None, adv[rows], mb_mask,
-                                  eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation, max_len=T,
+                                  eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation=aggregation,
+                                  max_len=max_len or T,
                                   is_weights=is_weights)
         if entropy is not None:
             n = mb_mask.sum().clamp(min=1)
@@ -194,7 +202,8 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate_policy_gradients(policy, batch.prompt_ids, batch.completion_ids, mask, loss_of,
                                               pad_id=pad_id, aggregation=aggregation,
-                                              micro_batch_size=micro_batch_size, want_entropy=inner == 0)
+                                              micro_batch_size=micro_batch_size, want_entropy=inner == 0,
+                                              loss_scale=loss_scale)
         metrics["grad_norm"] = clip_and_step(policy, optimizer, metrics["loss"], grad_clip)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + (v if k in ("entropy", "sampler_logp_gap") else v / mu)

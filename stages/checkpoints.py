@@ -30,8 +30,9 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, out: Path) -> None:
-    state = optimizer.state_dict()
+def save_optimizer(optimizer: torch.optim.Optimizer | dict, out: Path) -> None:
+    """`optimizer`: an optimizer, or its full state dict (an FSDP2 trainer's, gathered: models/fsdp.py)."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, st in state["state"].items():
         for name, value in st.items():
@@ -43,19 +44,25 @@ def save_optimizer(optimizer: torch.optim.Optimizer, out: Path) -> None:
     (out / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, src: Path) -> None:
+def read_optimizer_state(src: Path) -> dict:
+    """The optimizer state dict saved in checkpoint folder `src` (torch's index-keyed layout)."""
     meta = json.loads((src / "optimizer.json").read_text())
     state: dict[int, dict] = {}
     for key, value in {**load_file(str(src / "optimizer.safetensors")), **meta["scalars"]}.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Optimizer | None = None, *,
-                    adapter_base: str | None = None) -> Path:
+def load_optimizer(optimizer: torch.optim.Optimizer, src: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(src))
+
+
+def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Optimizer | dict | None = None, *,
+                    adapter_base: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """save_pretrained (safetensors) + optional optimizer state, atomically replacing `out`. A LoRA
-    policy (`adapter_base`: its base folder) saves its adapters only, pointing at the base."""
+    policy (`adapter_base`: its base folder) saves its adapters only, pointing at the base. A sharded
+    (FSDP2) model saves `state_dict`, its gathered full weights; `optimizer` is then its gathered state."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -64,7 +71,7 @@ def save_checkpoint(model, tokenizer, out: str | Path, optimizer: torch.optim.Op
         # The embeddings are never adapted; without this peft looks for the base's config relative to the cwd.
         model.save_pretrained(tmp, save_embedding_layers=False)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if optimizer is not None:
         save_optimizer(optimizer, tmp)

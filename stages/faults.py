@@ -14,6 +14,8 @@ ENV = "GRPO_CRASH_AT"
 POINTS = frozenset({
     "sft",               # after an intermediate SFT checkpoint of the warm start
     "initial_rm",        # after the initial reward models are trained, before the run records them
+    "sampler_replica",   # cluster.backend ray: a sampler replica (a Ray actor) SIGKILLs itself inside its
+                         # sampling call, after sampling, before answering (the flow's process lives on)
     "sampling",          # after a step's groups are sampled (in memory, nothing written)
     "scoring",           # after they are scored
     "advantages",        # after advantages are computed, before the step's Parquet is written
@@ -27,16 +29,22 @@ POINTS = frozenset({
 _hits: dict[str, int] = {}
 
 
-def crash_point(name: str) -> None:
-    """SIGKILL this process when GRPO_CRASH_AT names `name` and this is the chosen hit."""
+def fault_due(name: str) -> bool:
+    """Whether GRPO_CRASH_AT names `name` and this is the chosen hit (counted in this process, so a fault
+    handed on to another process, as `sampler_replica`'s is, fires once however often that one is replaced)."""
     if name not in POINTS:
         raise ValueError(f"unknown crash point {name!r}")
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return False
     point, _, nth = spec.partition("@")
     if point != name:
-        return
+        return False
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] == int(nth or 1):
+    return _hits[name] == int(nth or 1)
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process when GRPO_CRASH_AT names `name` and this is the chosen hit."""
+    if fault_due(name):
         os.kill(os.getpid(), signal.SIGKILL)

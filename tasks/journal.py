@@ -98,12 +98,15 @@ class RunJournal:
         """(where the policy after `step` goes, whether it is written there): every
         `loop.checkpoint_every` steps and at the end of each iteration. An iteration's last step goes
         straight to the iteration's checkpoint (written once, never copied), except under LoRA, where
-        that is the merged export (`save_iteration_policy`) and the adapters go to a step checkpoint."""
+        that is the merged export (`save_iteration_policy`) and the adapters go to a step checkpoint.
+        Under the Ray backend a step before an evaluation is written too: the trainer group holds the
+        live weights, and the evaluation, in this process, reads them from disk."""
         every, M = self.cfg.loop.checkpoint_every, self.cfg.loop.steps_per_iteration
         last = (step + 1) % M == 0
         out = (self.layout.policy_iteration(step // M) if last and not self.cfg.model.lora.enabled
                else self.layout.policy_step(step))
-        return str(out), (step + 1) % every == 0 or last
+        on_ray_eval = self.cfg.cluster.backend == "ray" and self.eval_due(step)
+        return str(out), (step + 1) % every == 0 or last or on_ray_eval
 
     def end_step(self, step: int, rollouts: pa.Table, update: dict[str, float]) -> None:
         """Record the step's metrics and log its line; commit when its checkpoint was written."""

@@ -17,6 +17,7 @@ from stages import reward_training, sampling
 from stages.faults import crash_point
 from stages.rollout_store import open_rollouts, write_atomic
 from stages.run_layout import RunLayout
+from tasks import cluster
 from tasks.workspace import WORKSPACE
 
 KINDS = {"outcome_rm": "outcome", "process_rm": "process"}
@@ -58,7 +59,16 @@ def train_initial_reward_models(cfg: PipelineConfig, run_dir: str, sft_ckpt: str
 def retrain_reward_models(cfg: PipelineConfig, run_dir: str, iteration: int, reward_models: dict[str, str],
                           tokenizer: str) -> tuple[dict[str, str], dict[str, float]]:
     """After RL iteration `iteration`: continue each RM on its rollouts plus a replay of history.
-    `tokenizer`: a checkpoint whose tokenizer the reward models share."""
+    `tokenizer`: a checkpoint whose tokenizer the reward models share. A Ray task under the Ray backend."""
+    args = (cfg, run_dir, iteration, reward_models, tokenizer)
+    out = cluster.run_remote(cfg, retrained, *args) if cfg.cluster.backend == "ray" else retrained(*args)
+    crash_point("rm_retraining")
+    return out
+
+
+def retrained(cfg: PipelineConfig, run_dir: str, iteration: int, reward_models: dict[str, str],
+              tokenizer: str) -> tuple[dict[str, str], dict[str, float]]:
+    """`retrain_reward_models`' work, in whichever process runs it."""
     layout = RunLayout(Path(run_dir))
     data_iteration = iteration + 1
     tok = WORKSPACE.tokenizer_at(tokenizer, cfg)
@@ -71,5 +81,4 @@ def retrain_reward_models(cfg: PipelineConfig, run_dir: str, iteration: int, rew
                                                        cfg.model.seed, device=cfg.model.device, tokenizer=tok)
         paths[name] = str(path)
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
-    crash_point("rm_retraining")
     return paths, metrics

@@ -6,6 +6,7 @@ table) and loads what is not in memory (tasks/workspace.py). Nothing is cached b
 folder is the truth (stages/run_layout.py), so a resumed run reads a finished step's Parquet file
 instead of asking a cache what an earlier process did. Sampling and scoring retry a passing fault;
 the update is not idempotent and never retries: a failed step is redone from the last checkpoint.
+Under `cluster.backend: ray` the same tasks drive the run's Ray actors instead (tasks/cluster.py).
 """
 from __future__ import annotations
 
@@ -19,17 +20,22 @@ from stages import advantages, rewards, sampling
 from models.lora import merged
 from stages.checkpoints import folder_bytes, save_checkpoint
 from stages.faults import crash_point
+from tasks import cluster
 from tasks.retries import RETRY
 from tasks.workspace import WORKSPACE
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int,
+def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int, tokenizer: str,
                   sampling_round: int = 0) -> pa.Table:
     """G outputs per question from the policy at `policy`, seeded by the step and its sampling round (0: the
-    step's questions; 1, 2, ...: dynamic sampling's further draws, flows/iterative_grpo.py `scored_groups`)."""
-    model, tokenizer, _ = WORKSPACE.policy_at(policy, cfg)
-    sampler = WORKSPACE.sampler_for(cfg, model, tokenizer)
+    step's questions; 1, 2, ...: dynamic sampling's further draws, flows/iterative_grpo.py `scored_groups`).
+    `tokenizer`: a checkpoint whose tokenizer is the policy's (the Ray backend's replicas hold the model)."""
+    if cfg.cluster.backend == "ray":
+        sampler = cluster.sampler_for(cfg, policy, step, WORKSPACE.tokenizer_at(tokenizer, cfg))
+    else:
+        model, tok, _ = WORKSPACE.policy_at(policy, cfg)
+        sampler = WORKSPACE.sampler_for(cfg, model, tok)
     # Rounds a million steps apart: no two (step, round) of a run share a seed, and round 0 keeps the old one.
     seed = cfg.model.seed * 100_003 + step + 1_000_000 * sampling_round
     with cfg.model.compute():
@@ -43,14 +49,23 @@ def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step:
 @task(cache_policy=NO_CACHE, **RETRY)
 def score_rollouts(cfg: PipelineConfig, rollouts: pa.Table, tokenizer: str, reward_models: dict[str, str]) -> pa.Table:
     """Reward columns from the configured sources; `tokenizer`: a checkpoint whose tokenizer to use;
-    `reward_models`: learned source -> checkpoint (pretrained reward models come from the config)."""
-    models = {name: WORKSPACE.reward_model_at(name, path, cfg) for name, path in reward_models.items()}
-    pretrained = {s.name: WORKSPACE.pretrained_reward_model(s, cfg) for s in cfg.reward.sources if s.model is not None}
-    table = rewards.score_rollouts(rollouts, cfg.reward, tokenizer=WORKSPACE.tokenizer_at(tokenizer, cfg),
-                                   reward_models=models, pretrained=pretrained,
-                                   max_new_tokens=cfg.sampling.max_new_tokens)
+    `reward_models`: learned source -> checkpoint (pretrained reward models come from the config).
+    Under the Ray backend, a Ray task does the scoring (its worker keeps the models it loaded)."""
+    if cfg.cluster.backend == "ray":
+        table = cluster.run_remote(cfg, scored, cfg, rollouts, tokenizer, reward_models)
+    else:
+        table = scored(cfg, rollouts, tokenizer, reward_models)
     crash_point("scoring")
     return table
+
+
+def scored(cfg: PipelineConfig, rollouts: pa.Table, tokenizer: str, reward_models: dict[str, str]) -> pa.Table:
+    """`score_rollouts`' work, in whichever process runs it."""
+    models = {name: WORKSPACE.reward_model_at(name, path, cfg) for name, path in reward_models.items()}
+    pretrained = {s.name: WORKSPACE.pretrained_reward_model(s, cfg) for s in cfg.reward.sources if s.model is not None}
+    return rewards.score_rollouts(rollouts, cfg.reward, tokenizer=WORKSPACE.tokenizer_at(tokenizer, cfg),
+                                  reward_models=models, pretrained=pretrained,
+                                  max_new_tokens=cfg.sampling.max_new_tokens)
 
 
 @task(cache_policy=NO_CACHE)
