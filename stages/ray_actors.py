@@ -37,6 +37,7 @@ def _use_cpus(cfg: PipelineConfig) -> None:
 
 class SamplerReplica:
     def __init__(self, cfg: PipelineConfig, policy: str):
+        """Serving the checkpoint `policy` (version 0: the run's first policy) until sent other weights."""
         _use_cpus(cfg)
         self.cfg = cfg
         tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)

@@ -78,11 +78,13 @@ class Cluster:
         self.trainer: list = []
         self.trainer_ckpt: str | None = None
 
-    def replicas(self, cfg: PipelineConfig, policy: str) -> list:
+    def replicas(self, cfg: PipelineConfig, start: str) -> list:
+        """The run's sampler replicas; one created now loads `start`, the run's first policy (always on
+        disk, where a later step's weights may not be yet), and is sent the weights it should serve."""
         from stages.ray_actors import SamplerReplica
 
         connect(cfg)
-        return [_actor(cfg, SamplerReplica, f"sampler-{k}", cfg, policy) for k in range(cfg.cluster.sampler_replicas)]
+        return [_actor(cfg, SamplerReplica, f"sampler-{k}", cfg, start) for k in range(cfg.cluster.sampler_replicas)]
 
     def trainer_group(self, cfg: PipelineConfig) -> list:
         """The FSDP2 ranks, their process group formed (built on first use, and after a rank died)."""
@@ -112,8 +114,8 @@ def sync_replicas(cfg: PipelineConfig, replicas: list, policy: str, version: int
     """Every replica serves `policy`: the trainer's weights through the object store when it holds them
     (the common case: the step just trained them), else the checkpoint folder."""
     ray = _ray()
-    stale = [r for r, (weights, _) in zip(replicas, ray.get([r.serving.remote() for r in replicas]))
-             if weights != policy]
+    stale = [r for r, serving in zip(replicas, ray.get([r.serving.remote() for r in replicas]))
+             if serving != (policy, version)]
     if not stale:
         return
     if CLUSTER.trainer and CLUSTER.trainer_ckpt == policy:
@@ -149,10 +151,11 @@ class ReplicaSampler:
         return out
 
 
-def sampler_for(cfg: PipelineConfig, policy: str, version: int, tokenizer) -> ReplicaSampler:
-    """The run's replicas, all serving `policy` (`version` steps into the run), as one sampler;
-    `tokenizer`: the policy's (prompts are encoded and completions decoded in this process)."""
-    replicas = CLUSTER.replicas(cfg, policy)
+def sampler_for(cfg: PipelineConfig, policy: str, version: int, start: str, tokenizer) -> ReplicaSampler:
+    """The run's replicas, all serving `policy` (`version` steps into the run), as one sampler. `start`: the
+    run's first policy (`Cluster.replicas`); `tokenizer`: the policy's (prompts are encoded and completions
+    decoded in this process)."""
+    replicas = CLUSTER.replicas(cfg, start)
     sync_replicas(cfg, replicas, policy, version)
     return ReplicaSampler(cfg, replicas, tokenizer, version)
 

@@ -30,9 +30,10 @@ def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step:
                   sampling_round: int = 0) -> pa.Table:
     """G outputs per question from the policy at `policy`, seeded by the step and its sampling round (0: the
     step's questions; 1, 2, ...: dynamic sampling's further draws, flows/iterative_grpo.py `scored_groups`).
-    `tokenizer`: a checkpoint whose tokenizer is the policy's (the Ray backend's replicas hold the model)."""
+    `tokenizer`: the run's first policy, on disk, whose tokenizer is the policy's (the Ray backend's replicas
+    hold the model, and a new replica loads this one first)."""
     if cfg.cluster.backend == "ray":
-        sampler = cluster.sampler_for(cfg, policy, step, WORKSPACE.tokenizer_at(tokenizer, cfg))
+        sampler = cluster.sampler_for(cfg, policy, step, tokenizer, WORKSPACE.tokenizer_at(tokenizer, cfg))
     else:
         model, tok, _ = WORKSPACE.policy_at(policy, cfg)
         sampler = WORKSPACE.sampler_for(cfg, model, tok)
