@@ -21,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
     StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from models.advantages import delimiter_token_ids
+from models.kv_cache import preallocated_cache
 from models.policy import CACHE, pack
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -158,8 +159,9 @@ def _generation_config(*, max_new_tokens: int, pad_id: int, eos_ids: list[int]) 
                             no_repeat_ngram_size=0, min_new_tokens=0)
 
 
-def shared_prompt_cache(model, pb, n: int):
-    """The KV cache of every prompt but its last token, computed once and repeated n times.
+def shared_prompt_cache(model, pb, n: int, cache=None):
+    """The KV cache of every prompt but its last token, computed once and repeated n times (into `cache`
+    when given: an empty one, e.g. models.kv_cache's).
 
     `generate(num_return_sequences=n)` would run the prompt through the model n times; here each
     prompt is prefilled once and the G samples of a group share it, so generate only feeds the
@@ -169,7 +171,7 @@ def shared_prompt_cache(model, pb, n: int):
     if pb.input_ids.shape[1] < 2:
         return None
     cache = getattr(model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
-                          position_ids=pb.position_ids[:, :-1], use_cache=True), CACHE)
+                          position_ids=pb.position_ids[:, :-1], use_cache=True, **{CACHE: cache}), CACHE)
     cache.batch_repeat_interleave(n)
     return cache
 
@@ -202,9 +204,10 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         idx = order[start:start + per_call]
         rows_in = [prompt_ids[i] for i in idx for _ in range(reps)]
         pb = pack(rows_in, [[] for _ in rows_in], pad_id, device)
-        ids, attn, cache = pb.input_ids, pb.attention_mask, None
+        ids, attn = pb.input_ids, pb.attention_mask
+        cache = preallocated_cache(model.config, ids.shape[1] + max_new_tokens)  # no copy per decoding step
         if not greedy and n > 1:  # G samples of a prompt share its prefill
-            cache = shared_prompt_cache(model, pb, n)
+            cache = shared_prompt_cache(model, pb, n, cache)
             ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         processors = LogitsProcessorList()
         recorder = _RawLogprobRecorder() if return_logprobs else None
