@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_deploy import _free_port, _stop, _tail
+from tests.ui.processes import free_port, stop, tail
 from tests.ui.prefect_stack import BIN, wait_until
 
 
 class MlflowUI:
     def __init__(self, store: Path, log: Path):
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log = log
         store.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
@@ -29,7 +29,7 @@ class MlflowUI:
 
     def wait_healthy(self, timeout: float = 180) -> str:
         def healthy() -> bool:
-            assert self.proc.poll() is None, f"mlflow ui exited:\n{_tail(self.log)}"
+            assert self.proc.poll() is None, f"mlflow ui exited:\n{tail(self.log)}"
             try:
                 return httpx.get(f"{self.url}/health", timeout=10).status_code == 200
             except httpx.TransportError:
@@ -39,4 +39,4 @@ class MlflowUI:
         return self.url
 
     def close(self) -> None:
-        _stop(self.proc)
+        stop(self.proc)

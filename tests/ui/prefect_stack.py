@@ -18,7 +18,7 @@ from typing import Callable, Iterator, TypeVar
 
 import httpx
 
-from tests.test_deploy import _free_port, _stop, _tail
+from tests.ui.processes import free_port, stop, tail
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -42,7 +42,7 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float, every: 
 class PrefectStack:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.api = f"{self.url}/api"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_HOME=str(folder / "prefect-home"), PREFECT_API_URL=self.api,
@@ -63,7 +63,7 @@ class PrefectStack:
                                    "--port", self.url.rsplit(":", 1)[1], "--analytics-off"], env, log)
 
         def healthy() -> bool:
-            assert self.server.poll() is None, f"server exited:\n{_tail(log)}"
+            assert self.server.poll() is None, f"server exited:\n{tail(log)}"
             try:
                 return self.http.get("/health").status_code == 200
             except httpx.TransportError:
@@ -111,11 +111,11 @@ class PrefectStack:
             raise AssertionError(f"{err}\n--- worker log ---\n{self.worker_log()}") from None
 
     def worker_log(self) -> str:
-        return _tail(self.folder / "worker.log")
+        return tail(self.folder / "worker.log")
 
     def close(self) -> None:
-        _stop(self.worker)
-        _stop(self.server)
+        stop(self.worker)
+        stop(self.server)
         self.http.close()
 
 

@@ -2,7 +2,7 @@
 run with the README's commands ("Schedule iterations"), on a real Prefect server with a real process
 worker. Each trigger runs one more iteration of the run; a trigger that comes while an iteration runs
 is cancelled by the deployment's concurrency limit, never run beside it; deploying again switches the
-schedule off. (tests/test_deploy.py covers the other deployments.)
+schedule off. (tests/ui/test_deploy_all.py runs the other deployments.)
 """
 from __future__ import annotations
 
