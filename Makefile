@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-process test test-ui install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
+.PHONY: demo demo-process demo-ray test test-ui install ui clean-artifacts vllm-venv test-vllm compare smollm2-model smollm2
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ PROCESS_ARGS := reward.supervision=process reward.process_credit=min \
 	'reward.sources=[{name: verifier, weight: 1.0}, {name: process_rm, weight: 0.5}]'
 demo-process: install
 	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(PROCESS_ARGS) $(ARGS)
+
+# The demo on a local Ray: 2 sampler replicas and a 2-rank FSDP2 trainer (gloo) as Ray actors (README: Beyond one machine).
+demo-ray: install
+	$(PY) -m flows.iterative_grpo --config $(CONFIG) cluster.backend=ray cluster.sampler_replicas=2 \
+	  cluster.trainer_world_size=2 $(ARGS)
 
 # The paper's unified paradigm on the demo task: SFT, RFT, online RFT, DPO, PPO and GRPO from the same
 # SFT policy with the same sample budget (flows/compare_methods.py).

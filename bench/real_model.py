@@ -49,14 +49,14 @@ def du_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20 if path.exists() else 0.0
 
 
-def run_flow(root: Path, run_id: str, overrides: list[str], threads: int) -> dict:
-    """One pipeline run in a subprocess; its wall time, peak RSS (MiB) and log path."""
+def run_flow(root: Path, run_id: str, overrides: list[str], threads: int, config: str = CONFIG) -> dict:
+    """One pipeline run of `config` in a subprocess; its wall time, peak RSS (MiB) and log path."""
     prefect_home = root / f"prefect-{run_id}"
     prefect_home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(prefect_home), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "flows.iterative_grpo", "--config", CONFIG, f"storage.artifacts_root={root}",
+    cmd = [sys.executable, "-m", "flows.iterative_grpo", "--config", config, f"storage.artifacts_root={root}",
            f"run_id={run_id}", f"threads={threads}", *overrides]
     log = root / f"{run_id}.log"
     print("$ " + shlex.join(cmd), flush=True)
@@ -70,7 +70,7 @@ def run_flow(root: Path, run_id: str, overrides: list[str], threads: int) -> dic
         print(log.read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"run {run_id} failed (exit {proc.returncode}); log: {log}")
     return {"wall": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "log": str(log), "prefect_home": prefect_home,
-            "command": shlex.join(["python", "-m", "flows.iterative_grpo", "--config", CONFIG, *overrides])}
+            "command": shlex.join(["python", "-m", "flows.iterative_grpo", "--config", config, *overrides])}
 
 
 def task_seconds(prefect_home: Path) -> dict[str, list[float]]:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from configs import UserError, build_config, dump_config
+from configs.schema import ClusterConfig
 from stages.evaluation import Evaluation
 from stages.run_layout import RunLayout
 
@@ -60,7 +61,9 @@ class RunConfigChanged(UserError):
 
 
 # What a resumed run may change: where it lives, how long it goes on, how many threads it gets.
-RESUMABLE_FIELDS = frozenset({"run_id", "loop.iterations", "storage.artifacts_root", "threads", "tracking.mlflow_uri"})
+# Where the stages run does not change what a run is: a run started locally may go on on a Ray cluster.
+RESUMABLE_FIELDS = frozenset({"run_id", "loop.iterations", "storage.artifacts_root", "threads", "tracking.mlflow_uri",
+                              *(f"cluster.{name}" for name in ClusterConfig.model_fields)})
 
 
 def check_same_config(layout: RunLayout, cfg) -> None:

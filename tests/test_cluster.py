@@ -1,10 +1,12 @@
 """The Ray backend (cluster.backend: ray) on a local Ray started here: the FSDP2 trainer group takes the
 same step at world size 2 as at 1 (and as the local backend), the sampler replicas serve the trainer's
 weights after a sync, and the demo pipeline runs with 2 replicas + 2 ranks through a replica killed
-mid-step: the step's sampling is redone once and every step's rollouts are written exactly once.
+mid-step: the step's sampling is redone once and every step's rollouts are written exactly once; the
+run then goes on on the local backend from the trainer group's checkpoint.
 """
 from pathlib import Path
 
+import pyarrow.dataset as ds
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -133,4 +135,12 @@ def test_pipeline_on_ray_survives_a_killed_sampler_replica(local_ray, prefect_ap
         assert sorted((r["group_index"], r["sample_index"]) for r in rows) == [(g, s) for g in range(4) for s in range(4)]
         assert {r["policy_version"] for r in rows} == {step}
     assert set(table.column("sampler_backend").to_pylist()) == {"ray-hf"}
-    assert (layout.policy_iteration(0) / "model.safetensors").exists()
+
+    # The trainer group's checkpoint is the local backend's: the run goes on in this process, its AdamW
+    # state included (iteration 1's first update starts from the moments the ranks saved)
+    local = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"iterations": 2}),
+                                   "cluster": cfg.cluster.model_copy(update={"backend": "local"})})
+    iterative_grpo(local)
+    table = open_rollouts(layout.rollouts_dir).to_table()
+    assert table.num_rows == 4 * 4 * 4
+    assert set(table.filter(ds.field("iteration") == 1).column("sampler_backend").to_pylist()) == {"hf"}

@@ -123,7 +123,7 @@ class FakeTasks:
     def __init__(self, informative: dict[int, set[int]]):
         self.informative, self.calls = informative, []
 
-    def sample_groups(self, cfg, policy, questions, step, sampling_round=0):
+    def sample_groups(self, cfg, policy, questions, step, tokenizer, sampling_round=0):
         self.calls.append(([q["id"] for q in questions], step, sampling_round))
         return _outcome([q["id"] for q in questions], [[0, 0]] * len(questions), seed=sampling_round)
 
