@@ -383,7 +383,8 @@ class ClusterConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves for each sampler and each trainer rank "
                                                          "(0 on CPU; 1 on a GPU cluster)")
     colocate: bool = Field(False, description="trainer rank k and sampler k share their GPUs (each asks for half "
-                                              "of gpus_per_actor; vLLM sleeps while the trainer runs)")
+                                              "of gpus_per_actor; with sampling.vllm_sleep_between_steps vLLM "
+                                              "frees its memory while the trainer runs)")
 
 
 class PipelineConfig(_Section):

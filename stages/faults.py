@@ -16,6 +16,7 @@ POINTS = frozenset({
     "initial_rm",        # after the initial reward models are trained, before the run records them
     "sampler_replica",   # cluster.backend ray: a sampler replica (a Ray actor) SIGKILLs itself inside its
                          # sampling call, after sampling, before answering (the flow's process lives on)
+    "trainer_rank",      # cluster.backend ray: the trainer group's last rank SIGKILLs itself as an update starts
     "sampling",          # after a step's groups are sampled (in memory, nothing written)
     "scoring",           # after they are scored
     "advantages",        # after advantages are computed, before the step's Parquet is written

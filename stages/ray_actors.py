@@ -128,9 +128,17 @@ class TrainerRank:
             self.reference_ckpt = ckpt
         return self.reference
 
-    def update(self, policy: str, reference: str, batch: UpdateBatch, out_ckpt: str, save: bool) -> dict[str, float]:
+    def serving(self) -> str | None:
+        """The checkpoint path whose weights the rank holds (None: none, or part-updated ones)."""
+        return self.policy_ckpt
+
+    def update(self, policy: str, reference: str, batch: UpdateBatch, out_ckpt: str, save: bool,
+               die: bool = False) -> dict[str, float]:
         """The GRPO update of the policy at `policy` on `batch` (every rank is given all of it); the
-        updated policy answers for `out_ckpt`, written there when `save`. Returns the batch's metrics."""
+        updated policy answers for `out_ckpt`, written there when `save`. Returns the batch's metrics.
+        `die`: SIGKILL this rank first (the fault a test injects: stages/faults.py, point `trainer_rank`)."""
+        if die:
+            os.kill(os.getpid(), signal.SIGKILL)
         g = self.cfg.grpo
         if self.policy_ckpt != policy:
             self.load_policy(policy)

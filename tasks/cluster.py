@@ -1,6 +1,6 @@
 """The Ray backend (`cluster.backend: ray`): the flow's tasks drive long-lived Ray actors by name.
 
-    sampler_for(cfg, policy, step)   the run's sampler replicas, serving `policy`, behind the Sampler protocol
+    sampler_for(cfg, policy, ...)    the run's sampler replicas, serving `policy`, behind the Sampler protocol
     trainer_update(cfg, ...)         the GRPO update on the FSDP2 trainer group
     run_remote(fn, *args)            a function as a Ray task (reward scoring, reward-model retraining)
     shutdown(cfg)                    the run's actors killed (their GPUs freed)
@@ -11,8 +11,9 @@ flow process and reused across steps and iterations. Ray's own retries are off e
 (`max_restarts=0`, `max_task_retries=0`, `max_retries=0`): Prefect's task retries and the run folder's
 resume are the only ones. A dead replica fails its sampling task; the retry finds its name free and
 creates it again, sends it the weights, and samples again, so the step's rollouts are still written once.
-A trainer group that lost a rank is killed whole (its process group is broken) and rebuilt on the next
-update from the last checkpoint, as the local backend redoes a step after a crash.
+A trainer group that lost a rank is killed whole (its process group is broken); a new group redoes the
+update from its checkpoint when that is on disk, else the run resumes from its last checkpoint, as the
+local backend redoes a step after a crash.
 
 Weights reach the replicas after each update through Ray's object store (rank 0's gathered state dict,
 passed by reference: it never passes through the flow's process), or from the checkpoint folder when the
@@ -21,8 +22,12 @@ store; it is not built here (no GPU to test it on).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from configs import PipelineConfig
 from models.trainer import UpdateBatch
@@ -162,17 +167,54 @@ def sampler_for(cfg: PipelineConfig, policy: str, version: int, start: str, toke
 
 def trainer_update(cfg: PipelineConfig, policy: str, reference: str, batch: UpdateBatch, out_ckpt: str,
                    save: bool) -> dict[str, float]:
-    """The GRPO update on the trainer group; the group answers for `out_ckpt` afterwards."""
+    """The GRPO update on the trainer group; the group answers for `out_ckpt` afterwards.
+
+    A rank that dies takes the group with it (the others fail or hang in a collective): the group is killed,
+    and when the update started from a checkpoint on disk (`loop.checkpoint_every: 1`, the default, or a
+    checkpoint step) a new group loads it and redoes the update once; otherwise the step fails and the run
+    resumes from its last checkpoint, as after any crash."""
     ray = _ray()
-    ranks = CLUSTER.trainer_group(cfg)
     batch_ref = ray.put(batch)  # one copy in the object store, read by every rank
+    die, retried = fault_due("trainer_rank"), False
+    while True:
+        ranks = CLUSTER.trainer_group(cfg)
+        calls = [r.update.remote(policy, reference, batch_ref, out_ckpt, save, die=die and i == len(ranks) - 1)
+                 for i, r in enumerate(ranks)]
+        try:
+            metrics = ray.get(calls)[0]
+        except ray.exceptions.RayError:
+            lost = _lost_a_rank(ranks)
+            CLUSTER.drop_trainer()
+            if retried or not lost or not (Path(policy) / "config.json").exists():
+                raise
+            _logger().warning("a trainer rank died during the update of %s: the group is rebuilt from that checkpoint "
+                              "and the update redone", policy)
+            die, retried = False, True
+            continue
+        except BaseException:
+            CLUSTER.drop_trainer()
+            raise
+        CLUSTER.trainer_ckpt = out_ckpt
+        return metrics
+
+
+def _lost_a_rank(ranks: list) -> bool:
+    """Whether a rank of the group is dead (or too stuck to answer a call in 30 s)."""
+    ray = _ray()
+    for rank in ranks:
+        try:
+            ray.get(rank.serving.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
+    return False
+
+
+def _logger():
+    """The flow run's logger inside a task, the module's elsewhere (a test driving the cluster directly)."""
     try:
-        metrics = ray.get([r.update.remote(policy, reference, batch_ref, out_ckpt, save) for r in ranks])[0]
-    except BaseException:
-        CLUSTER.drop_trainer()
-        raise
-    CLUSTER.trainer_ckpt = out_ckpt
-    return metrics
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def run_remote(cfg: PipelineConfig, fn, *args):

@@ -1,5 +1,6 @@
 """The Ray backend (cluster.backend: ray) on a local Ray started here: the FSDP2 trainer group takes the
-same step at world size 2 as at 1 (and as the local backend), the sampler replicas serve the trainer's
+same step at world size 2 as at 1 (and as the local backend), also when a rank dies as the update starts
+and a new group redoes it from the checkpoint, the sampler replicas serve the trainer's
 weights after a sync, and the demo pipeline runs with 2 replicas + 2 ranks through a replica killed
 mid-step: the step's sampling is redone once and every step's rollouts are written exactly once; the
 run then goes on on the local backend from the trainer group's checkpoint.
@@ -51,9 +52,10 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / "model.safetensors"))
 
 
-def test_two_ranks_take_the_same_step_as_one_and_the_replicas_serve_it(local_ray, tiny_dir, tmp_path):
+def test_two_ranks_take_the_same_step_as_one_and_the_replicas_serve_it(local_ray, tiny_dir, tmp_path, monkeypatch):
     from models.loading import load_policy
     from models.trainer import grpo_update
+    from stages import faults
     from tasks import cluster
 
     policy = str(tiny_dir)
@@ -63,9 +65,13 @@ def test_two_ranks_take_the_same_step_as_one_and_the_replicas_serve_it(local_ray
            for w in (1, 2)}
     metrics = {}
     for w in (1, 2):
+        if w == 2:  # rank 1 SIGKILLs itself as the update starts: a new group redoes it from the checkpoint
+            monkeypatch.setenv(faults.ENV, "trainer_rank")
+            monkeypatch.setattr(faults, "_hits", {})
         metrics[w] = cluster.trainer_update(cfg[w], policy, policy, batch, str(tmp_path / f"ws{w}"), save=True)
         if w == 1:
             cluster.CLUSTER.drop_trainer()
+    assert faults._hits == {"trainer_rank": 1}
 
     # The local backend's update on the same batch: one process, no FSDP
     model, tok = load_policy(policy)
