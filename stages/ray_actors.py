@@ -16,6 +16,7 @@ import datetime as dt
 import os
 import signal
 import socket
+from pathlib import Path
 
 import torch
 
@@ -115,9 +116,7 @@ class TrainerRank:
         self.policy.eval()
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=g.lr,
                                            weight_decay=g.weight_decay)
-        if os.path.exists(os.path.join(ckpt, "optimizer.safetensors")):
-            from pathlib import Path
-
+        if (Path(ckpt) / "optimizer.safetensors").exists():
             load_full_optimizer_state(self.policy, self.optimizer, read_optimizer_state(Path(ckpt)))
         self.policy_ckpt = ckpt
 
