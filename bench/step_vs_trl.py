@@ -741,16 +741,19 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
              f"prefills all {rows} rows; ours draws each token by the inverse CDF (models.generation._DrawToken: "
              f"1.4 ms a step for [{rows}, {res['vocab']}]) where generate's torch.multinomial draws an exponential "
              f"per vocabulary entry (22 ms a step on this CPU), and ours also records each token's log-prob (one "
-             f"log_softmax per decoding step). What is left is the model's arithmetic and transformers' per-step "
-             f"work: a profile of ours' decoding step put ~60% in matrix multiplies (at {rows} rows the weights' "
-             f"memory traffic) and ~15% in aten::cat, the KV cache growing by concatenation; transformers' "
-             f"pre-allocated StaticCache was slower here (338 vs 287 ms a step for 16 rows and 128 new tokens: "
-             f"attention then spans the whole allocated length every step)")
+             f"log_softmax per decoding step). Ours' KV cache is a buffer allocated once per generate call and "
+             f"written in place (models.kv_cache): transformers' DynamicLayer copies the whole cache with torch.cat "
+             f"every decoding step (~15% of a step in an earlier profile of ours), and its pre-allocated "
+             f"StaticCache was slower here (338 vs 287 ms a step for 16 rows and 128 new tokens: attention then "
+             f"spans the whole allocated length every step). What is left is the model's arithmetic (~60% of a "
+             f"decoding step in matrix multiplies, at {rows} rows the weights' memory traffic) and transformers' "
+             f"per-step work")
     L.append(f"- the update (reference forward + policy forward + backward), {upd_o:.1f} vs {upd_t:.1f} s "
              f"({upd_o / upd_t:.2f}): ours runs each group's prompt once, with or without a graph, and its "
              f"{args.G} rows continue from the shared KV cache (models.policy.completion_logprobs: prompts are "
              f"~{p_len:.0f} of the {width} positions of a row, so ~{100 * share_prefix:.0f}% fewer positions "
-             f"through the {res['layers']} layers) and asks for the completion positions' logits only. TRL 1.16 runs every "
+             f"through the {res['layers']} layers), in up to two runs of similar completion length when that pads "
+             f"5% fewer positions (models.policy.length_runs), and asks for the completion positions' logits only. TRL 1.16 runs every "
              f"row's whole left-padded [prompt + completion] and gets log-probs from its fused LM head "
              f"(trl.trainer.utils.add_fused_lm_head), which off Triton devices scores every position, prompt and "
              f"padding included, through the {res['vocab']}-wide head in chunks and recomputes each chunk's "
@@ -759,12 +762,11 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
              f"the rollout bookkeeping (table, verifier, advantages, the Parquet write) is tens of "
              f"milliseconds on both")
     if wall_o > target:
-        L.append(f"- not reached: ours <= {target:.0f} s/step at TRL's {wall_t:.0f} needs {wall_o - target:.0f} s "
-                 f"less. What is left to take (estimates, not measured): the update's padding ({100 * pad:.0f}% of "
-                 f"its completion positions; the rows of a group run to different lengths, so length-sorted chunks "
-                 f"of the shared-prompt forward would recover part of ~{pad * upd_o:.0f} s), and the decoding "
-                 f"step's small-op overhead (torch.compile of the decoding step, whose compile per batch shape "
-                 f"would need to pay off over a run)")
+        L.append(f"- not reached: ours <= {target:.1f} s/step at TRL's {wall_t:.1f} needs {wall_o - target:.1f} s "
+                 f"less. What is left to take (estimates, not measured): the decoding step's small-op overhead "
+                 f"(torch.compile of the decoding step, whose compile per batch shape would need to pay off over a "
+                 f"run), and the update's remaining padding ({100 * pad:.0f}% of its completion positions, ~"
+                 f"{pad * upd_o:.0f} s: most rows of a step run to the token limit, so two length runs rarely pay)")
     return L
 
 
