@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from configs import load_config
 from tests.test_deploy import DEMO, EVAL, RESUME, TINY_RUN
