@@ -50,8 +50,9 @@ test: install smollm2-model
 
 # The browser test: the demo run from the Prefect UI's form, then found in the Prefect and MLflow UIs, by
 # Selenium driving Debian's chromium and chromium-driver (installed with apt-get when missing: nothing is
-# downloaded from a browser vendor). Screenshots and the servers' logs: artifacts/ui-test/. Then the
-# scheduled-iteration deployment on its own server and worker (tests/ui/test_scheduled_iterations.py).
+# downloaded from a browser vendor). Screenshots and the servers' logs: artifacts/ui-test/. Then
+# `prefect deploy --all` and the deployments' runs (tests/ui/test_deploy_all.py) and the scheduled-iteration
+# deployment (tests/ui/test_scheduled_iterations.py), each on its own server and worker.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 test-ui: $(VENV)/.installed-ui
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
