@@ -34,9 +34,10 @@ demo-process: install
 	$(PY) -m flows.iterative_grpo --config $(CONFIG) $(PROCESS_ARGS) $(ARGS)
 
 # The demo on a local Ray: 2 sampler replicas and a 2-rank FSDP2 trainer (gloo) as Ray actors (README: Beyond one machine).
+# Without the SFT control: its budget is RL's CPU seconds, and those of the actors' processes are not counted.
 demo-ray: install
 	$(PY) -m flows.iterative_grpo --config $(CONFIG) cluster.backend=ray cluster.sampler_replicas=2 \
-	  cluster.trainer_world_size=2 $(ARGS)
+	  cluster.trainer_world_size=2 control.sft_same_time=false $(ARGS)
 
 # The paper's unified paradigm on the demo task: SFT, RFT, online RFT, DPO, PPO and GRPO from the same
 # SFT policy with the same sample budget (flows/compare_methods.py).
