@@ -198,6 +198,10 @@ def run_iterations(cfg: PipelineConfig, state: RunState, train_path: str, test_p
             iteration_report(cfg, str(run.layout.root), k, mlflow_run_id, run.state.last_eval)
             run.commit(reported_iterations=k + 1)
     if cfg.control.sft_same_time and run.state.control_accuracy is None:
+        if cfg.cluster.backend == "ray":
+            get_run_logger().warning("the SFT control gets RL's CPU seconds as counted in this process (%.0f s): the "
+                                     "Ray actors' are not counted, so the control is given less than RL used",
+                                     run.state.rl_cpu_seconds)
         control = sft_control(cfg, str(run.layout.reference(0)), run.state.rl_cpu_seconds, str(run.layout.control_sft))
         ev = evaluate_policy(cfg, control, test_path)
         run.record(cfg.loop.iterations * cfg.loop.steps_per_iteration, {"sft_same_time_accuracy": ev.accuracy},
