@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 
-from models.trainer import UpdateBatch, grpo_update
+from models.trainer import UpdateBatch, grpo_update, micro_batch_share
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -74,15 +74,6 @@ def rank_rows(n: int, rank: int, world: int) -> list[int]:
     return list(range(start, start + base + (rank < extra)))
 
 
-def denominator(mask: torch.Tensor, aggregation: str) -> float:
-    """What the loss aggregation divides by (models/grpo.py): rows with tokens, tokens, or rows x width."""
-    if aggregation == "sequence":
-        return float(mask.any(-1).sum())
-    if aggregation == "token":
-        return float(mask.sum())
-    return float(mask.shape[0] * mask.shape[1])
-
-
 def sharded_grpo_update(policy, optimizer, batch: UpdateBatch, *, rank: int, world: int, micro_batch_size: int,
                         aggregation: str = "sequence", **knobs) -> dict[str, float]:
     """`models.trainer.grpo_update` on this rank's rows of `batch` (every rank passes the whole batch);
@@ -102,7 +93,7 @@ def sharded_grpo_update(policy, optimizer, batch: UpdateBatch, *, rank: int, wor
     mask = batch.completion_mask()
     # Dr. GRPO divides by the batch's width, not the share's
     max_len = batch.width if aggregation == "dr_grpo" else None
-    share = denominator(mask[rows], aggregation) / max(denominator(mask, aggregation), 1.0)
+    share = micro_batch_share(mask, rows, aggregation)  # this rank's rows are its one micro-batch of the batch
     metrics = grpo_update(policy, optimizer, local, aggregation=aggregation, micro_batch_size=local_mbs,
                           loss_scale=world * share, skip_flat=False, max_len=max_len, **knobs)
     return reduce_metrics(metrics, share, world)

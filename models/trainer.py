@@ -72,15 +72,15 @@ class UpdateBatch:
         return [i for i in range(len(self)) if keep[i // g]]
 
 
-def micro_batch_share(mask: torch.Tensor, rows: slice, aggregation: str) -> float:
+def micro_batch_share(mask: torch.Tensor, rows: slice | list[int], aggregation: str) -> float:
     """A micro-batch's weight in the full-batch loss, so that accumulated gradients equal the
-    full-batch gradient for each aggregation's denominator."""
+    full-batch gradient for each aggregation's denominator (also a data-parallel rank's: models/fsdp.py)."""
     mb = mask[rows]
     if aggregation == "token":
         return float(mb.sum()) / max(1.0, float(mask.sum()))
     if aggregation == "sequence":  # rows with no tokens are left out of the mean (models/grpo.py)
         return float(mb.any(-1).sum()) / max(1.0, float(mask.any(-1).sum()))
-    return mb.shape[0] / mask.shape[0]
+    return mb.shape[0] / max(1, mask.shape[0])
 
 
 class NonFiniteUpdateError(RuntimeError):

@@ -41,11 +41,11 @@ class SamplerReplica:
         """Serving the checkpoint `policy` (version 0: the run's first policy) until sent other weights."""
         _use_cpus(cfg)
         self.cfg = cfg
-        tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-        model = None
-        if cfg.sampling.backend == "hf":
+        if cfg.sampling.backend == "hf":  # the sampler wraps a model of its own
             model, tokenizer = load_policy(policy, **cfg.model.load_kwargs())
             model.requires_grad_(False)
+        else:  # vLLM loads the weights itself
+            model, tokenizer = None, load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
         self.sampler = make_sampler(cfg.sampling, policy, model=model, tokenizer=tokenizer, device=cfg.model.device,
                                     dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                                     seed=cfg.model.seed, stop_marker=stop_marker(tokenizer, cfg.prompt))
