@@ -126,12 +126,41 @@ def test_shared_prompt_gradients_equal_the_packed_layouts(tiny):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-def test_length_runs_cut_where_padding_is_least():
+def test_length_runs_keep_every_rows_logprobs_and_gradient(tiny):
+    """Rows 2 to 100 tokens long go through several runs (length_runs); log-probs and gradients equal the
+    packed layout's, row by row in the caller's order."""
     from models.policy import length_runs
 
-    # sorted 1,1,1,2,2,3: one run pads to 6 x 3 = 18 positions; cut after the three 1s: 3 x 1 + 3 x 3 = 12
-    assert length_runs([2, 1, 3, 1, 2, 1]) == [[1, 3, 5], [0, 4, 2]]
-    # 6 rows at 100 and 10 at 128: one run 2048, cut 6 x 100 + 10 x 128 = 1880, 8% less: worth a second forward
-    assert len(length_runs([100] * 6 + [128] * 10)) == 2
+    model, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    lens = [2, 100, 40, 1, 60, 95]
+    assert len(length_runs(lens)) > 1
+    rows_p = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3
+    comps = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in lens]
+    outs = []
+    for micro_batch_size in (None, 1):
+        logp, mask, _ = completion_logprobs(model, rows_p, comps, pad_id=tok.pad_token_id, with_grad=True,
+                                            micro_batch_size=micro_batch_size)
+        (logp * mask).sum().backward()
+        outs.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        model.zero_grad(set_to_none=True)
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+
+def test_length_runs_cut_where_padding_plus_run_cost_is_least():
+    from models.policy import length_runs
+
+    # sorted 1,1,1,2,2,3: one run pads to 6 x 3 = 18 positions; with free runs, one per length: 3 + 4 + 3 = 10
+    assert length_runs([2, 1, 3, 1, 2, 1], run_cost=0) == [[1, 3, 5], [0, 4], [2]]
+    # a run costing 2 positions: three runs 10 + 6 = 16, two (the 1s | the rest) 3 + 9 + 4 = 16: fewer runs win a tie
+    assert length_runs([2, 1, 3, 1, 2, 1], run_cost=2) == [[1, 3, 5], [0, 4, 2]]
+    # 7 rows at the limit and 9 shorter ones (a race step's shape): 2048 positions in one run, 1657 + 4 x 32 in four
+    lens = [128] * 7 + [30, 45, 60, 70, 75, 85, 95, 110, 120]
+    assert [[lens[i] for i in run] for run in length_runs(lens)] == [
+        [30, 45], [60, 70, 75], [85, 95], [110, 120] + [128] * 7]
+    assert length_runs(lens, max_runs=1) == [list(range(16))]
     assert length_runs([128] * 16) == [list(range(16))]  # nothing to save
     assert length_runs([]) == [[]] and length_runs([4]) == [[0]]
+    many = length_runs([(7 * i) % 1000 + 1 for i in range(512)])  # cuts searched at 64 places only
+    assert len(many) == 4 and sorted(i for run in many for i in run) == list(range(512))
