@@ -715,10 +715,9 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
     upd_o = m["ref"][0] + m["fwd"][0] + m["bwd"][0]
     upd_t = m["ref"][1] + m["fwd"][1] + m["bwd"][1]
     full = all(s["width"] >= cap for s in ours) and all(s["max_len"] >= cap for s in trl)
-    p_len, c_len = res["prompt_tokens_mean"], statistics.mean(s["mean_len"] for s in ours)
+    p_len = res["prompt_tokens_mean"]
     width = res["prompt_tokens"] + cap  # positions per row of the update's left-padded [prompt + completion]
     share_prefix = (args.G - 1) / args.G * p_len / width
-    pad = 1 - (p_len + c_len) / width
     target = 0.6 * wall_t
     rounds = res["rounds"]
     L = ["Reading:", ""]
@@ -745,15 +744,19 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
              f"written in place (models.kv_cache): transformers' DynamicLayer copies the whole cache with torch.cat "
              f"every decoding step (~15% of a step in an earlier profile of ours), and its pre-allocated "
              f"StaticCache was slower here (338 vs 287 ms a step for 16 rows and 128 new tokens: attention then "
-             f"spans the whole allocated length every step). What is left is the model's arithmetic (~60% of a "
-             f"decoding step in matrix multiplies, at {rows} rows the weights' memory traffic) and transformers' "
-             f"per-step work")
+             f"spans the whole allocated length every step). What is left is the model's arithmetic (~70% of a "
+             f"decoding step in matrix multiplies, which at {rows} rows stream the weights from memory: measured "
+             f"here, a step's products take as long at 4 rows as at 16, and on 1 thread as on 2) and "
+             f"transformers' per-step work")
     L.append(f"- the update (reference forward + policy forward + backward), {upd_o:.1f} vs {upd_t:.1f} s "
              f"({upd_o / upd_t:.2f}): ours runs each group's prompt once, with or without a graph, and its "
              f"{args.G} rows continue from the shared KV cache (models.policy.completion_logprobs: prompts are "
              f"~{p_len:.0f} of the {width} positions of a row, so ~{100 * share_prefix:.0f}% fewer positions "
-             f"through the {res['layers']} layers), in up to two runs of similar completion length when that pads "
-             f"5% fewer positions (models.policy.length_runs), and asks for the completion positions' logits only. TRL 1.16 runs every "
+             f"through the {res['layers']} layers), in up to four runs of similar completion length, cut where the "
+             f"padded positions plus each run's fixed cost (32 positions: the weights read again, another weight-"
+             f"gradient product) add up least (models.policy.length_runs: for 7 rows at 128 tokens and 9 shorter, "
+             f"reference forward + policy forward + backward took 22.0 s against 25.0 s in one run, medians of 3 "
+             f"alternating A/B pairs), and asks for the completion positions' logits only. TRL 1.16 runs every "
              f"row's whole left-padded [prompt + completion] and gets log-probs from its fused LM head "
              f"(trl.trainer.utils.add_fused_lm_head), which off Triton devices scores every position, prompt and "
              f"padding included, through the {res['vocab']}-wide head in chunks and recomputes each chunk's "
@@ -765,8 +768,8 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
         L.append(f"- not reached: ours <= {target:.1f} s/step at TRL's {wall_t:.1f} needs {wall_o - target:.1f} s "
                  f"less. What is left to take (estimates, not measured): the decoding step's small-op overhead "
                  f"(torch.compile of the decoding step, whose compile per batch shape would need to pay off over a "
-                 f"run), and the update's remaining padding ({100 * pad:.0f}% of its completion positions, ~"
-                 f"{pad * upd_o:.0f} s: most rows of a step run to the token limit, so two length runs rarely pay)")
+                 f"run), and attention at one query (PyTorch's CPU flash kernel over keys repeated for grouped "
+                 f"queries: ~0.6 ms a layer at 150 positions, against ~0.3 ms as a matmul per key group)")
     return L
 
 
