@@ -164,3 +164,36 @@ def test_length_runs_cut_where_padding_plus_run_cost_is_least():
     assert length_runs([]) == [[]] and length_runs([4]) == [[0]]
     many = length_runs([(7 * i) % 1000 + 1 for i in range(512)])  # cuts searched at 64 places only
     assert len(many) == 4 and sorted(i for run in many for i in run) == list(range(512))
+
+
+def test_under_fsdp2_every_micro_batch_is_one_forward(tiny_dir):
+    """Each FSDP2 forward is a collective, so a rank must not run as many forwards as its rows' lengths ask
+    for (a prefix pass, then length runs): under `fully_shard` a micro-batch is one packed forward, with or
+    without a graph, and gives the unsharded model's log-probs."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models.fsdp import shard
+
+    model, tok = load_policy(str(tiny_dir))
+    rows_p = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 3
+    comps = [[11] * n for n in (2, 100, 40, 1, 60, 95)]  # several length runs without FSDP
+    expected, _, _ = completion_logprobs(model, rows_p, comps, pad_id=tok.pad_token_id)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        sharded = shard(model, init_device_mesh("cpu", (1,)))
+        forwards = []
+        sharded.register_forward_hook(lambda *_: forwards.append(1))
+        for with_grad in (False, True):
+            forwards.clear()
+            logp, _, _ = completion_logprobs(sharded, rows_p, comps, pad_id=tok.pad_token_id, with_grad=with_grad,
+                                             micro_batch_size=3)
+            assert len(forwards) == 2  # 6 rows in micro-batches of 3
+            assert torch.allclose(logp.detach(), expected, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
