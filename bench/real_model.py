@@ -269,8 +269,9 @@ def section(args, argv: list[str], lora: dict | None, full: dict | None, exs: li
     if not full:
         lines += ["", "- full fine-tuning: not run in this invocation (--no-full)"]
     lines += [f"- note: {n}" for n in args.note]
-    lines += ["", "- outcome vs process rewards on this model: not measured (no time left in the hour after the LoRA "
-              "run and its control; a process reward model needs its own training run first)"]
+    if "reward.supervision=process" not in args.set:
+        lines += ["", "- outcome vs process rewards: not in this invocation; the same run with process rewards (the "
+                      "verifier's step checks) is `--no-full --no-control --run-id ID --set reward.supervision=process`"]
     if exs:
         changed = [e for e in exs if e["before_correct"] != e["after_correct"]]
         lines += ["", f"Greedy completions on the first {len(exs)} held-out questions, start model vs final policy: "
