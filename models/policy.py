@@ -154,11 +154,11 @@ def length_runs(lens: list[int], run_cost: int = 32, max_runs: int = 4, max_cuts
                 cost = best[k - 1][b] + (bounds[e] - bounds[b]) * s[bounds[e] - 1] + run_cost
                 if cost < best[k][e]:
                     best[k][e], prev[k][e] = cost, b
-    k = min(range(1, max_runs + 1), key=lambda k: best[k][-1])
-    if k == 1:
+    n_runs = min(range(1, max_runs + 1), key=lambda k: best[k][-1])  # the fewest runs of the least cost
+    if n_runs == 1:
         return [list(range(n))]  # in the rows' own order
     runs, e = [], len(bounds) - 1
-    for k in range(k, 0, -1):
+    for k in range(n_runs, 0, -1):
         b = prev[k][e]
         runs.append(order[bounds[b]:bounds[e]])
         e = b
