@@ -171,7 +171,8 @@ def shared_prompt_cache(model, pb, n: int, cache=None):
     if pb.input_ids.shape[1] < 2:
         return None
     cache = getattr(model(input_ids=pb.input_ids[:, :-1], attention_mask=pb.attention_mask[:, :-1],
-                          position_ids=pb.position_ids[:, :-1], use_cache=True, **{CACHE: cache}), CACHE)
+                          position_ids=pb.position_ids[:, :-1], use_cache=True, logits_to_keep=1,  # the cache only
+                          **{CACHE: cache}), CACHE)
     cache.batch_repeat_interleave(n)
     return cache
 

@@ -173,8 +173,10 @@ def _shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: 
     length (`length_runs`) so that a short row does not pay for the longest one's positions."""
     firsts = [i for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
     prefix = pack([prompt_ids[i][:-1] for i in firsts], [[] for _ in firsts], pad_id, device)
+    # logits_to_keep=1: only the cache is wanted; scoring every prompt position through the LM head cost ~0.3 s
+    # a step for SmolLM2's 4 x 80-token prompts (its 49152-wide head is a fifth of the model's weights)
     cache = getattr(model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
-                          position_ids=prefix.position_ids, use_cache=True), CACHE)
+                          position_ids=prefix.position_ids, use_cache=True, logits_to_keep=1), CACHE)
     runs = length_runs([len(c) for c in completion_ids])
     logps, ents = [], []
     for rows_of_run in runs:
