@@ -371,6 +371,7 @@ class OurSide:
             "flat": metrics.get("flat_batch_skipped", 0.0),
             "truncated": sum(table.column("truncated").to_pylist()) / len(batch.completion_ids),
             "reward": statistics.mean(table.column("reward").to_pylist()),
+            "questions": [q["question"] for q in qs],
         }
         rec["sample_rest"] = rec["sample"] - rec["generate"]
         rec["bwd_loss_clip"] = rec["update"] - rec["ref_fwd"] - rec["policy_fwd"] - rec["adamw"]
@@ -516,7 +517,21 @@ def make_callback_more():
     cb.on_log = log
     return cb
 peer.make_callback = make_callback_more
+asked = []  # each reward call's questions (the user message of each group's first row): TRL's order, to check
+reward = peer.correctness_reward
+def correctness_reward_recorded(prompts, completions, answer, **kw):
+    asked.append([p[-1]["content"] if isinstance(p, list) else p for p in prompts])
+    return reward(prompts, completions, answer, **kw)
+peer.correctness_reward = correctness_reward_recorded
 peer.main(sys.argv[2:])
+if "--json" in sys.argv:
+    import json
+    path = sys.argv[sys.argv.index("--json") + 1]
+    with open(path) as f:
+        data = json.load(f)
+    data["asked"] = asked
+    with open(path, "w") as f:
+        json.dump(data, f)
 """
 
 
@@ -538,6 +553,8 @@ def run_trl_real(args, round_no, jsonl: Path):
     data = json.loads(js.read_text())
     head = [ln for ln in proc.stdout.splitlines() if ln.startswith(("versions:", "model:", "ref_model:", "split:"))]
     steps = data["steps"][args.warmup:]
+    for s, rows in zip(steps, data.get("asked", [])[args.warmup:]):
+        s["questions"] = list(dict.fromkeys(rows))  # the step's questions, each group's once, in order
     for s in steps:
         s["prepare_other"] = s["prepare"] - s["generate"] - s["ref_fwd"]
         s["optimizer"] = s.get("optimizer", 0.0)
@@ -559,8 +576,13 @@ def race_real(args):
     # ours asks exactly the user message the peer builds (question, newline, its instruction), through the
     # model's chat template with no system message of ours (SmolLM2's template adds its default one on both)
     questions = [{**q, "question": f"{q['question']}\n{peer.INSTRUCTION}"} for q in problems]
+    # ours asks TRL's questions in TRL's order, so the two sides' steps are the same work but for what is sampled:
+    # GRPOTrainer's RepeatSampler shuffles the pool by torch.randperm under GRPOConfig's seed (the peer's --seed,
+    # 0), prompts_per_step a step, and each round's fresh TRL process starts that order again (checked below
+    # against the questions TRL's reward function received)
+    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(0)).tolist()
     timer = PhaseTimer()
-    ours = RealSide(args, timer, questions)
+    ours = RealSide(args, timer, [questions[j] for j in order[:args.steps * args.prompts_per_step]])
     # the same prompt tokens as TRL's (apply_chat_template(..., tokenize=True), as GRPOTrainer tokenizes)
     ours_ids = encode_prompts(ours.tok, [q["question"] for q in questions[:8]], ours.cfg.prompt)[1]
     trl_ids = [ours.tok.apply_chat_template([{"role": "user", "content": q["question"]}], add_generation_prompt=True,
@@ -584,6 +606,8 @@ def race_real(args):
         res["rounds"].append({"ours": med([s["wall"] for s in kept]), "trl": med([s["wall"] for s in trl["steps"]]),
                               "load_before": load0, "load_after": load_str()})
     res["load_after"] = load_str()
+    res["same_questions"] = (len(res["ours"]) == len(res["trl"])
+                             and all(o["questions"] == t.get("questions") for o, t in zip(res["ours"], res["trl"])))
     timer.restore()
     res.update(n_params=ours.n_params, prompt_tokens=ours.prompt_tokens, prompt_tokens_mean=ours.prompt_tokens_mean,
                model_type=type(ours.model).__name__, vocab=len(ours.tok),
@@ -628,8 +652,14 @@ def real_race_lines(args, res, v, command):
              f"both sides send the same user message, the question then `{res['instruction']}` on the next line, "
              f"through the model's chat template (its default system line included): "
              f"{res['prompt_tokens_mean']:.0f} tokens on average, at most {res['prompt_tokens']}; the token ids are "
-             f"identical on both sides: {res['same_prompts']}. Ours takes the questions in order, TRL's sampler draws "
-             f"them at random from the same pool. Rewards: ours the rule verifier (`reward.verifier.last_number`), TRL "
+             f"identical on both sides: {res['same_prompts']}. "
+             + ("Both sides ask the same questions in the same order, TRL's: its RepeatSampler's shuffle "
+                "(torch.randperm under GRPOConfig's seed 0), which each round's fresh TRL process starts again, so "
+                "ours asks those questions again in each round; step by step the same as the questions TRL's reward "
+                f"function received: {res['same_questions']}. "
+                if "same_questions" in res else
+                "Ours takes the questions in order, TRL's sampler draws them at random from the same pool. ")
+             + f"Rewards: ours the rule verifier (`reward.verifier.last_number`), TRL "
              f"the peer's (answer string in the completion); rewards decide no time except that ours skips the "
              f"update of a batch whose advantages are all 0 ({sum(1 for s in ours if s['flat'])} of {len(ours)} "
              f"measured steps here; left out of the medians)")
