@@ -126,6 +126,29 @@ def test_shared_prompt_gradients_equal_the_packed_layouts(tiny):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def test_prefix_passes_score_no_prompt_position(tiny):
+    """The shared prompts' passes (the update's and sampling's) are run for their KV cache: the LM head sees one
+    position per prompt there, and otherwise only each run's completion positions (+1 for the last prompt token)."""
+    from models.generation import shared_prompt_cache
+
+    model, tok = tiny
+    rows_p = [[5, 6, 7, 8, 9, 10]] * 2 + [[9, 10, 11]] * 2
+    comps = [[11, 12], [13], [14, 15, 16], [17]]
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:2]))
+    try:
+        completion_logprobs(model, rows_p, comps, pad_id=tok.pad_token_id)
+        assert head_rows[0] == (2, 1)  # the prefix pass of the 2 groups: 1 position each, not 5
+        # then the rows' own positions (last prompt token + completion), padded at most to the longest row
+        assert sum(b * t for b, t in head_rows[1:]) <= len(comps) * (max(len(c) for c in comps) + 1)
+        head_rows.clear()
+        with torch.no_grad():
+            shared_prompt_cache(model, pack([[5, 6, 7, 8, 9, 10], [9, 10, 11]], [[], []], tok.pad_token_id), n=2)
+        assert head_rows == [(2, 1)]
+    finally:
+        hook.remove()
+
+
 def test_length_runs_keep_every_rows_logprobs_and_gradient(tiny):
     """Rows 2 to 100 tokens long go through several runs (length_runs); log-probs and gradients equal the
     packed layout's, row by row in the caller's order."""
