@@ -797,15 +797,15 @@ def real_race_reading(args, res, ours, trl, wall_o, wall_t):
     if wall_o > target:
         L.append(f"- not reached: ours <= {target:.1f} s/step at TRL's {wall_t:.1f} needs {wall_o - target:.1f} s "
                  f"less. Tried on this CPU (2026-11-29, one process at a time under the lock) and not worth it: "
-                 f"torch.compile of the decoding step (171 s to compile, then no faster: 182-218 vs 181-214 ms a "
-                 f"step); attention at one query as matmuls per key group (0.59-0.90 ms a layer against SDPA's "
+                 f"torch.compile of the decoding step (171 s to compile, then no faster: 182-218 ms a step compiled, "
+                 f"181-214 eager); attention at one query as matmuls per key group (0.59-0.90 ms a layer against SDPA's "
                  f"0.49-0.57); generate's own overhead (a hand-written decoding loop was no faster); MKL's packed "
                  f"weights (torch.ops.mkl._mkl_linear) and oneDNN's for the decoding step's products; transparent "
                  f"huge pages and malloc thresholds for the update's page faults. What a decoding step is made of: "
                  f"its 211 matrix products (~65% of the step) stream 538 MB of float32 weights for 16 rows at 36 "
                  f"GFLOP/s, where this CPU reads 34 GB/s and multiplies at ~150 GFLOP/s in large products; under "
                  f"OMP_WAIT_POLICY=PASSIVE each product also wakes the second thread (the same 211 products took "
-                 f"126-158 ms passive against 92-107 ms spinning). The update's products already run at 120-140 "
+                 f"126-224 ms passive against 92-124 ms spinning, over three runs). The update's products already run at 120-140 "
                  f"GFLOP/s")
     return L
 
