@@ -82,6 +82,13 @@ class Browser:
         element.send_keys(Keys.CONTROL, "a")
         element.send_keys(str(value))
 
+    def report(self) -> str:
+        """What the page says, for a failure's message: where it is, its visible text (the end of it), and
+        the console's errors (a failed request shows there)."""
+        text = self.driver.find_element(By.XPATH, "//body").text[-2000:]
+        errors = [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+        return f"--- page {self.driver.current_url} ---\n{text}\n--- console errors ---\n" + "\n".join(errors[-20:])
+
     def scroll_to(self, element: WebElement, block: str = "center") -> None:
         self.driver.execute_script(f"arguments[0].scrollIntoView({{block: '{block}'}})", element)
 

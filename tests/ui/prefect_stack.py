@@ -99,6 +99,10 @@ class PrefectStack:
     def deployment(self, name: str) -> dict:
         return self.http.get(f"/deployments/name/{name}").raise_for_status().json()
 
+    def flow_runs_of(self, deployment_id: str) -> list[dict]:
+        body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+        return self.http.post("/flow_runs/filter", json=body).raise_for_status().json()
+
     def flow_run(self, flow_run_id: str) -> dict:
         return self.http.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
 
@@ -112,6 +116,9 @@ class PrefectStack:
 
     def worker_log(self) -> str:
         return tail(self.folder / "worker.log")
+
+    def server_log(self) -> str:
+        return tail(self.folder / "server.log")
 
     def close(self) -> None:
         stop(self.worker)
