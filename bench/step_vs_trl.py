@@ -108,6 +108,9 @@ def parse_args(argv=None):
                         "the orchestration part is not run (defaults then: --threads 2 --G 4 --prompts-per-step 4 "
                         "--max-new-tokens 128 --steps 4 --warmup 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default 1; 2 with --pretrained)")
+    p.add_argument("--sampling-threads", type=int, default=None,
+                   help="--pretrained: ours' sampling.threads, the torch threads its sampler decodes on (default: "
+                        "--threads); TRL's generate has no such setting")
     p.add_argument("--omp-wait-policy", default=None,
                    help="set OMP_WAIT_POLICY (e.g. PASSIVE) for both sides; default: inherit the environment")
     p.add_argument("--steps", type=int, default=None,
@@ -469,7 +472,8 @@ class RealSide(OurSide):
             f"sampling.group_size={args.G}", f"sampling.max_new_tokens={args.max_new_tokens}",
             f"sampling.batch_size={args.G * args.prompts_per_step}", "sampling.temperature=1.0", "sampling.top_p=1.0",
             f"grpo.micro_batch_size={args.G * args.prompts_per_step}", "reward.sources=[{name: verifier}]",
-            "prompt.format=chat", "prompt.instruction=null", "prompt.system=null", f"threads={args.threads}"])
+            "prompt.format=chat", "prompt.instruction=null", "prompt.system=null", f"threads={args.threads}",
+            f"sampling.threads={args.sampling_threads or 'null'}"])
         ckpt = str(Path(args.pretrained).resolve())
         self.model, self.tok, self.opt = WORKSPACE.policy_at(ckpt, cfg)
         self.ref = WORKSPACE.reference_at(ckpt, cfg) if args.beta > 0 else None
@@ -630,7 +634,9 @@ def real_race_lines(args, res, v, command):
     L.append(f"`flock /tmp/cpu.lock {command}`" + (" (written here by the same command with `--from-json FILE`)"
                                                       if args.from_json else "") +
              f" (TRL venv: `bash scripts/trl_venv.sh`; the model: `make smollm2-model`). One invocation, both sides "
-             f"on the same machine, torch threads {args.threads} on both, OMP_WAIT_POLICY="
+             f"on the same machine, torch threads {args.threads} on both"
+             + (f" (ours decodes on {args.sampling_threads}: sampling.threads)" if args.sampling_threads else "") +
+             f", OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY') or '(unset)'} on both; under the machine's lock for timed runs "
              f"(jobs that do not take it can still run beside it).")
     L.append("")

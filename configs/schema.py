@@ -130,6 +130,10 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0, description="rows (prompt x sample) per generate call")
+    threads: int | None = Field(None, gt=0, description=(
+        "hf backend: torch CPU threads while it decodes (default: the run's `threads`). A decoding step's "
+        "products are small; under OMP_WAIT_POLICY=PASSIVE every one of them wakes the other threads, and 1 "
+        "thread decodes SmolLM2-135M's 16 rows faster than 2 (BENCHMARKS.md, the race)"))
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     vllm_sleep_between_steps: bool = False
     dynamic_sampling: bool = Field(False, description=(

@@ -57,22 +57,27 @@ class HFSampler:
     backend = "hf"
 
     def __init__(self, model, tokenizer, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
-                 batch_size: int = 64, stop_marker: str | None = DEFAULT_STOP_MARKER, checkpoint: str | None = None):
+                 batch_size: int = 64, stop_marker: str | None = DEFAULT_STOP_MARKER, checkpoint: str | None = None,
+                 threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.threads = threads  # torch threads while decoding; None: the process's
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.stop_marker = stop_marker
         self.checkpoint = checkpoint  # what the weights are, for the record
 
     def sample(self, prompt_ids: list[list[int]], *, n: int, seed: int) -> list[Completion]:
-        was_training = self.model.training
+        was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             return sample_completions(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=self.max_new_tokens,
                                       temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size,
                                       seed=seed, return_logprobs=True, stop_marker=self.stop_marker)
         finally:
             self.model.train(was_training)
+            torch.set_num_threads(threads)
 
     def update_weights(self, source: Any) -> None:
         if source is self.model:
@@ -112,7 +117,7 @@ def make_sampler(sampling_cfg, policy_ref: str | Path, *, model=None, tokenizer=
                                            trust_remote_code=trust_remote_code)
         return HFSampler(model, tokenizer, temperature=sampling_cfg.temperature, top_p=sampling_cfg.top_p,
                          max_new_tokens=sampling_cfg.max_new_tokens, batch_size=sampling_cfg.batch_size,
-                         stop_marker=stop_marker, checkpoint=str(policy_ref))
+                         stop_marker=stop_marker, checkpoint=str(policy_ref), threads=sampling_cfg.threads)
     if sampling_cfg.backend == "vllm":
         from models.vllm_sampler import VLLMSampler
 

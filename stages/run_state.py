@@ -62,7 +62,8 @@ class RunConfigChanged(UserError):
 
 # What a resumed run may change: where it lives, how long it goes on, how many threads it gets.
 # Where the stages run does not change what a run is: a run started locally may go on on a Ray cluster.
-RESUMABLE_FIELDS = frozenset({"run_id", "loop.iterations", "storage.artifacts_root", "threads", "tracking.mlflow_uri",
+RESUMABLE_FIELDS = frozenset({"run_id", "loop.iterations", "storage.artifacts_root", "threads", "sampling.threads",
+                              "tracking.mlflow_uri",
                               *(f"cluster.{name}" for name in ClusterConfig.model_fields)})
 
 

@@ -146,6 +146,34 @@ def test_hf_sampler_update_weights(tiny_dir, tiny):
     assert torch.allclose(model.model.embed_tokens.weight, tiny[0].model.embed_tokens.weight)
 
 
+def test_hf_sampler_decodes_on_sampling_threads_and_gives_the_process_its_threads_back(tiny, monkeypatch):
+    import models.samplers
+
+    model, tok = tiny
+    seen = []
+
+    def record(*a, **k):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 2:
+            raise RuntimeError("killed mid-decoding")
+        return []
+
+    monkeypatch.setattr(models.samplers, "sample_completions", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = make_sampler(SamplingConfig(threads=1), "tiny", model=model, tokenizer=tok)
+        s.sample([[1, 2]], n=2, seed=0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="mid-decoding"):
+            s.sample([[1, 2]], n=2, seed=0)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        make_sampler(SamplingConfig(), "tiny", model=model, tokenizer=tok).sample([[1, 2]], n=2, seed=0)
+        assert seen == [1, 1, 2]  # unset: the process's own count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vllm_backend_without_vllm_says_how_to_install():
     from models.vllm_sampler import vllm_available
 
