@@ -256,6 +256,12 @@ class GRPOConfig(_Section):
             "per token or per output, capped at importance_cap (truncate) or dropped beyond it (mask); none: the "
             "paper's loss"))
     importance_cap: float = Field(3.0, gt=1, description="the importance weight's cap (TRL's default 3)")
+    reference_while_sampling: bool = Field(False, description=(
+        "score the outputs under the reference on a thread of their own while the hf sampler draws them, "
+        "instead of in a reference forward of the update (the KL term's pi_ref; the rollouts' ref_logprobs). "
+        "For a CPU whose decoding leaves a core free: pair it with sampling.threads below threads. Needs "
+        "beta > 0, a full fine-tune (LoRA's reference is the policy itself), the hf sampler on the local "
+        "backend and model.autocast: none (autocast is per thread)"))
     warn_after_flat_steps: int = Field(3, gt=0, description=(
         "a step whose groups all have one reward each learns nothing and takes no optimizer step; after this "
         "many in a row the run warns and its MLflow run is tagged"))
@@ -427,6 +433,21 @@ class PipelineConfig(_Section):
     def _cluster_supports(self):
         if self.cluster.backend == "ray" and self.model.lora.enabled:
             raise ValueError("cluster.backend: ray trains full models only; model.lora.enabled needs the local backend")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_can_score_while_sampling(self):
+        if not self.grpo.reference_while_sampling:
+            return self
+        conflicts = {"grpo.beta: 0 (no KL term, no reference)": self.grpo.beta == 0,
+                     "model.lora.enabled (the reference is the policy with its adapters off)": self.model.lora.enabled,
+                     f"sampling.backend: {self.sampling.backend}": self.sampling.backend != "hf",
+                     f"cluster.backend: {self.cluster.backend}": self.cluster.backend != "local",
+                     f"model.autocast: {self.model.autocast} (autocast is per thread)": self.model.autocast != "none"}
+        bad = [what for what, clash in conflicts.items() if clash]
+        if bad:
+            raise ValueError(f"grpo.reference_while_sampling needs beta > 0, a full fine-tune, the hf sampler on the "
+                             f"local backend and model.autocast: none; this config has {'; '.join(bad)}")
         return self
 
     @field_validator("run_id")

@@ -79,7 +79,7 @@ def scored_groups(cfg: PipelineConfig, run: RunJournal, train_path: str, step: i
         questions = pick_questions(train_path, cfg, step, sampling_round, drawn)
         if not questions:
             break  # earlier rounds drew every train question
-        rollouts = sample_groups(cfg, run.policy, questions, step, run.tokenizer, sampling_round)
+        rollouts = sample_groups(cfg, run.policy, questions, step, run.tokenizer, sampling_round, run.reference)
         rounds.append(score_rollouts(cfg, rollouts, run.tokenizer, run.reward_models))
         drawn |= {str(q["id"]) for q in questions}
         found += len(dynamic_sampling.informative_groups(rounds[-1], s.group_size, cfg.reward.supervision))

@@ -23,8 +23,12 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from models.advantages import delimiter_token_ids
 from models.kv_cache import preallocated_cache
 from models.policy import CACHE, pack
+from models.reference_scorer import ReferenceScorer
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+# Decoding steps per chunk the reference scores while sampling: what is left to score when decoding ends.
+# Each chunk reads the reference's weights once more (~16 ms for SmolLM2-135M on this CPU): small.
+REFERENCE_CHUNK = 16
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Completion:
     finished: bool  # ended with EOS (or a stop condition) rather than by running out of max_new_tokens
     logprobs: list[float] | None = None  # sampler's log-prob of each token in token_ids (raw logits, T=1)
     finish_reason: str = field(default="")  # "eos" | "stop" (answer line ended) | "length"
+    ref_logprobs: list[float] | None = None  # the reference's, when scored while sampling (models/reference_scorer)
 
     def __post_init__(self):
         if not self.finish_reason:
@@ -137,6 +142,20 @@ def cut_after_answer_line(c: Completion, tokenizer, marker: str) -> Completion:
     return c
 
 
+class _FeedReference(StoppingCriteria):
+    """Hands a `ReferenceScorer` the newest `chunk` tokens of every row as soon as they are drawn; stops nothing."""
+
+    def __init__(self, scorer: ReferenceScorer, prompt_width: int, chunk: int):
+        self.scorer, self.start, self.chunk, self.sent = scorer, prompt_width, chunk, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        drawn = input_ids.shape[1] - self.start
+        if drawn - self.sent >= self.chunk:
+            self.scorer.feed(input_ids[:, self.start + self.sent:])
+            self.sent = drawn
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _trim(row: list[int], eos_ids: set[int], stop_len: int | None = None,
           logprobs: list[float] | None = None) -> Completion:
     limit = len(row) if stop_len is None else stop_len
@@ -181,14 +200,16 @@ def shared_prompt_cache(model, pb, n: int, cache=None):
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 64,
                        greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
                        seed: int | None = None, return_logprobs: bool = False,
-                       stop_marker: str | None = None) -> list[Completion]:
+                       stop_marker: str | None = None, reference=None, reference_threads: int = 1) -> list[Completion]:
     """n completions per prompt (prompt-major), `batch_size` rows (prompt x sample) per `generate` call.
 
     Prompts are bucketed by length (sorted, then cut into calls) so a call pads little, and
     returned in input order. `seed` fixes the result for the same inputs and batch size (each call
     re-seeds from (seed, call index) inside a forked RNG, so the caller's RNG state is untouched).
     `temperature == 0` or `greedy` decodes greedily (n identical rows per prompt). `stop_marker`:
-    also stop a row when the line holding it has ended (see `AnswerLineStop`).
+    also stop a row when the line holding it has ended (see `AnswerLineStop`). `reference`: a model whose
+    log-prob of each drawn token each completion also gets (`ref_logprobs`), computed on a thread of
+    `reference_threads` while the sampler decodes (models/reference_scorer.py).
     """
     greedy = greedy or temperature == 0
     device = next(model.parameters()).device
@@ -221,20 +242,34 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], *, n: int 
         if stop_marker:
             stop = AnswerLineStop(tokenizer, stop_marker, ids.shape[1], len(idx) * n)
             stopping.append(stop)
-        with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed * 1_000_003 + call)
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg, **{CACHE: cache},
-                                 logits_processor=processors, stopping_criteria=stopping)
+        feed = None
+        if reference is not None:
+            scorer = ReferenceScorer(reference, pb, n=ids.shape[0] // pb.input_ids.shape[0], threads=reference_threads)
+            feed = _FeedReference(scorer, ids.shape[1], REFERENCE_CHUNK)
+            stopping.append(feed)
+        try:
+            with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed * 1_000_003 + call)
+                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
+                                     **{CACHE: cache}, logits_processor=processors, stopping_criteria=stopping)
+        except BaseException:
+            if feed is not None:
+                feed.scorer.close()  # its thread ends; the sampler's error is the one raised
+            raise
         new_t = out[:, ids.shape[1]:]
         new = new_t.tolist()
         lps = recorder.finish(out).tolist() if recorder is not None else None
+        ref = feed.scorer.finish(new_t[:, feed.sent:]).tolist() if feed is not None else None
         for k, i in enumerate(idx):
             results[i] = [
                 _trim(new[r], eos_ids, None if stop is None else stop.stop_len.get(r),
                       None if lps is None else lps[r])
                 for r in range(k * n, k * n + n)
             ]
+            if ref is not None:
+                for r, c in zip(range(k * n, k * n + n), results[i]):
+                    c.ref_logprobs = ref[r][:len(c.token_ids)]
     return [c for i in range(len(prompt_ids)) for c in results[i]]
 
 

@@ -66,7 +66,10 @@ class HFSampler:
         self.stop_marker = stop_marker
         self.checkpoint = checkpoint  # what the weights are, for the record
 
-    def sample(self, prompt_ids: list[list[int]], *, n: int, seed: int) -> list[Completion]:
+    def sample(self, prompt_ids: list[list[int]], *, n: int, seed: int, reference=None) -> list[Completion]:
+        """`reference`: a model that scores the drawn tokens on a thread of its own while this decodes
+        (`Completion.ref_logprobs`, models/reference_scorer.py), on the threads the decoding leaves free
+        (at least 1)."""
         was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
         if self.threads:
@@ -74,7 +77,8 @@ class HFSampler:
         try:
             return sample_completions(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=self.max_new_tokens,
                                       temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size,
-                                      seed=seed, return_logprobs=True, stop_marker=self.stop_marker)
+                                      seed=seed, return_logprobs=True, stop_marker=self.stop_marker,
+                                      reference=reference, reference_threads=max(1, threads - (self.threads or threads)))
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)

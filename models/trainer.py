@@ -28,8 +28,9 @@ class UpdateBatch:
     """What an update needs, without re-tokenising: B rows laid out group after group
     (`group_size` outputs per question), T = the longest completion.
 
-    GRPO (`grpo_update`) reads advantages: [B] (outcome) or [B, T] (process), and sampler_logp: [B, T]
-    (for the sampler/trainer mismatch metric). The other methods (models/method_update.py) read
+    GRPO (`grpo_update`) reads advantages: [B] (outcome) or [B, T] (process), sampler_logp: [B, T]
+    (for the sampler/trainer mismatch metric) and ref_logp: [B, T] (pi_ref's, when scored while sampling:
+    then the update runs no reference forward). The other methods (models/method_update.py) read
     correct: [B] bool (rule verifier) and rewards: [B] float (PPO's r_phi).
     """
 
@@ -40,6 +41,7 @@ class UpdateBatch:
     group_size: int = 1
     advantages: torch.Tensor | None = None
     sampler_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -61,7 +63,8 @@ class UpdateBatch:
             return None if x is None else (x[index][:, :width] if x.dim() == 2 else x[index])
 
         return UpdateBatch([self.prompt_ids[i] for i in index], [self.completion_ids[i] for i in index],
-                           pick(self.correct), pick(self.rewards), 1, pick(self.advantages), pick(self.sampler_logp))
+                           pick(self.correct), pick(self.rewards), 1, pick(self.advantages), pick(self.sampler_logp),
+                           pick(self.ref_logp))
 
     def informative_rows(self) -> list[int]:
         """The rows of the groups with a non-zero advantage somewhere (DAPO's dynamic-sampling filter without
@@ -157,8 +160,8 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
 
     For a data-parallel rank (models/fsdp.py): `loss_scale` weights the backpropagated loss, `skip_flat=False`
     trains a flat share of a batch that is not flat, `max_len` is Dr. GRPO's width (default: the batch's)."""
-    if beta > 0 and ref_model is None:
-        raise ValueError(f"grpo.beta={beta} needs a reference model")
+    if beta > 0 and ref_model is None and batch.ref_logp is None:
+        raise ValueError(f"grpo.beta={beta} needs a reference model or the batch's reference log-probs")
     if batch.advantages is None:
         raise ValueError("grpo needs batch.advantages (stages.advantages.compute_advantages)")
     if importance_correction != "none" and batch.sampler_logp is None:
@@ -171,7 +174,10 @@ def grpo_update(policy, optimizer, batch: UpdateBatch, *, pad_id: int, ref_model
     device = next(policy.parameters()).device
     mask = batch.completion_mask(device)
     adv = batch.advantages.to(device)
-    ref_logp = frozen_logprobs(ref_model, batch, pad_id, micro_batch_size) if beta > 0 else None
+    ref_logp = None
+    if beta > 0:
+        ref_logp = (batch.ref_logp.to(device) if batch.ref_logp is not None
+                    else frozen_logprobs(ref_model, batch, pad_id, micro_batch_size))
     old_logp = frozen_logprobs(policy, batch, pad_id, micro_batch_size) if mu > 1 else None
     level = importance_correction.split("_")[0]
     log_ratios: list[torch.Tensor] = []  # the first inner pass's, for the ratio's statistics

@@ -41,12 +41,16 @@ def compute_advantages(table: pa.Table, *, supervision: str, group_size: int, ep
     return with_columns(table, {"advantages": pa.array(rows, type=pa.list_(pa.float32()))})
 
 
-def has_sampler_logprobs(table: pa.Table) -> bool:
-    """Whether every row holds the sampler's log-prob of each of its completion tokens."""
-    def lengths(column: str):
-        return pc.list_value_length(table.column(column)).fill_null(0)
+def has_token_logprobs(table: pa.Table, column: str = "old_logprobs") -> bool:
+    """Whether every row holds a log-prob of each of its completion tokens in `column` (old_logprobs: the
+    sampler's; ref_logprobs: the reference's, when scored while sampling; absent in older runs' files)."""
+    if column not in table.column_names:
+        return False
 
-    return bool(pc.all(pc.equal(lengths("old_logprobs"), lengths("completion_ids"))).as_py())
+    def lengths(name: str):
+        return pc.list_value_length(table.column(name)).fill_null(0)
+
+    return bool(pc.all(pc.equal(lengths(column), lengths("completion_ids"))).as_py())
 
 
 def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool = False,
@@ -60,7 +64,8 @@ def update_batch(table: pa.Table, group_size: int = 1, *, drop_flat_groups: bool
         completion_ids=table.column("completion_ids").to_pylist(),
         group_size=group_size,
         advantages=padded(table, "advantages"),
-        sampler_logp=padded(table, "old_logprobs") if has_sampler_logprobs(table) else None,
+        sampler_logp=padded(table, "old_logprobs") if has_token_logprobs(table) else None,
+        ref_logp=padded(table, "ref_logprobs") if has_token_logprobs(table, "ref_logprobs") else None,
     )
     truncated = table.column("truncated").to_pylist()
     if drop_flat_groups:

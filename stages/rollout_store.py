@@ -31,6 +31,7 @@ ROLLOUT_SCHEMA = pa.schema([
     ("prompt_ids", pa.list_(pa.int32())),
     ("completion_ids", pa.list_(pa.int32())),
     ("old_logprobs", pa.list_(pa.float32())),  # per completion token, under the sampler
+    ("ref_logprobs", pa.list_(pa.float32())),  # per token, under the reference when scored while sampling, else []
     ("completion_length", pa.int32()),
     ("truncated", pa.bool_()),          # hit max_new_tokens without EOS
     ("finish_reason", pa.string()),     # "eos" | "stop" (answer line ended) | "length"

@@ -20,13 +20,15 @@ from stages.rollout_store import ROLLOUT_SCHEMA
 
 
 def sample_groups(sampler: Sampler, questions: list[dict], prompt_cfg, *, group_size: int, seed: int, run_id: str,
-                  policy_version: int, last_number: bool = False) -> pa.Table:
+                  policy_version: int, last_number: bool = False, reference=None) -> pa.Table:
     """`questions`: problem dicts {id, question, solution, answer}; `prompt_cfg`: a `PromptConfig`.
     `policy_version`: GRPO steps the sampling policy has taken (0: the run's starting policy).
-    `last_number`: the verifier's fallback for the `correct` column (`problems.verify`)."""
+    `last_number`: the verifier's fallback for the `correct` column (`problems.verify`).
+    `reference`: a model whose log-probs of the outputs fill `ref_logprobs`, scored while the sampler
+    draws (`hf` sampler only: `HFSampler.sample`)."""
     tok = sampler.tokenizer
     prompts, prompt_ids = encode_prompts(tok, [q["question"] for q in questions], prompt_cfg)
-    comps = sampler.sample(prompt_ids, n=group_size, seed=seed)
+    comps = sampler.sample(prompt_ids, n=group_size, seed=seed, **({} if reference is None else {"reference": reference}))
     if len(comps) != len(questions) * group_size:
         raise RuntimeError(f"sampler returned {len(comps)} rows for {len(questions)} questions x G={group_size}")
     texts = tok.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
@@ -46,6 +48,7 @@ def sample_groups(sampler: Sampler, questions: list[dict], prompt_cfg, *, group_
             "prompt_ids": prompt_ids[g],
             "completion_ids": comp.token_ids,
             "old_logprobs": comp.logprobs if comp.logprobs is not None else [],
+            "ref_logprobs": comp.ref_logprobs if comp.ref_logprobs is not None else [],
             "completion_length": len(comp.token_ids),
             "truncated": comp.truncated,
             "finish_reason": comp.finish_reason,

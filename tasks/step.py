@@ -27,22 +27,26 @@ from tasks.workspace import WORKSPACE
 
 @task(cache_policy=NO_CACHE, **RETRY)
 def sample_groups(cfg: PipelineConfig, policy: str, questions: list[dict], step: int, tokenizer: str,
-                  sampling_round: int = 0) -> pa.Table:
+                  sampling_round: int = 0, reference: str | None = None) -> pa.Table:
     """G outputs per question from the policy at `policy`, seeded by the step and its sampling round (0: the
     step's questions; 1, 2, ...: dynamic sampling's further draws, flows/iterative_grpo.py `scored_groups`).
     `tokenizer`: the run's first policy, on disk, whose tokenizer is the policy's (the Ray backend's replicas
-    hold the model, and a new replica loads this one first)."""
+    hold the model, and a new replica loads this one first). `reference`: pi_ref's checkpoint, which scores
+    the outputs while they are drawn under `grpo.reference_while_sampling`."""
+    ref = None
     if cfg.cluster.backend == "ray":
         sampler = cluster.sampler_for(cfg, policy, step, tokenizer, WORKSPACE.tokenizer_at(tokenizer, cfg))
     else:
         model, tok, _ = WORKSPACE.policy_at(policy, cfg)
         sampler = WORKSPACE.sampler_for(cfg, model, tok)
+        if cfg.grpo.reference_while_sampling and reference is not None:
+            ref = WORKSPACE.reference_at(reference, cfg)
     # Rounds a million steps apart: no two (step, round) of a run share a seed, and round 0 keeps the old one.
     seed = cfg.model.seed * 100_003 + step + 1_000_000 * sampling_round
     with cfg.model.compute():
         table = sampling.sample_groups(sampler, questions, cfg.prompt, group_size=cfg.sampling.group_size,
                                        seed=seed, run_id=cfg.run_id, policy_version=step,
-                                       last_number=cfg.reward.verifier.last_number)
+                                       last_number=cfg.reward.verifier.last_number, reference=ref)
     crash_point("sampling")
     return table
 

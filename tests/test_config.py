@@ -67,3 +67,14 @@ def test_shipped_configs_load():
 def test_flat_view_for_mlflow_params():
     flat = PipelineConfig().flat()
     assert flat["grpo.beta"] == 0.04 and flat["model.tiny.hidden_size"] == 128
+
+
+@pytest.mark.parametrize("conflict,named", [
+    ("grpo.beta=0", "grpo.beta: 0"), ("model.lora.enabled=true", "model.lora.enabled"),
+    ("sampling.backend=vllm", "sampling.backend: vllm"), ("cluster.backend=ray", "cluster.backend: ray"),
+    ("model.autocast=auto", "model.autocast: auto"),
+])
+def test_reference_while_sampling_names_what_it_cannot_run_with(conflict, named):
+    load_config(None, ["grpo.reference_while_sampling=true"])  # the defaults: a full fine-tune, hf, local, fp32
+    with pytest.raises(ConfigError, match=rf"grpo.reference_while_sampling needs .*; this config has {named}"):
+        load_config(None, ["grpo.reference_while_sampling=true", conflict])

@@ -123,7 +123,7 @@ class FakeTasks:
     def __init__(self, informative: dict[int, set[int]]):
         self.informative, self.calls = informative, []
 
-    def sample_groups(self, cfg, policy, questions, step, tokenizer, sampling_round=0):
+    def sample_groups(self, cfg, policy, questions, step, tokenizer, sampling_round=0, reference=None):
         self.calls.append(([q["id"] for q in questions], step, sampling_round))
         return _outcome([q["id"] for q in questions], [[0, 0]] * len(questions), seed=sampling_round)
 
@@ -138,7 +138,7 @@ def _scored_groups(monkeypatch, cfg, train_path, informative, step=5):
     fake = FakeTasks(informative)
     monkeypatch.setattr(fl, "sample_groups", fake.sample_groups)
     monkeypatch.setattr(fl, "score_rollouts", fake.score_rollouts)
-    run = SimpleNamespace(policy="policy", tokenizer="tokenizer", reward_models={})
+    run = SimpleNamespace(policy="policy", tokenizer="tokenizer", reference="reference", reward_models={})
     return fl.scored_groups(cfg, run, train_path, step), fake.calls
 
 

@@ -96,19 +96,25 @@ def _run(root, run_id, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_grpo_steps_of_the_flow_on_smollm2(prefect_api, tmp_path, lora):
+    """Full fine-tuning with the reference scored while sampling (grpo.reference_while_sampling), LoRA with
+    the update's own reference forward (the adapters off)."""
     from stages.rollout_store import open_rollouts
     from stages.run_layout import RunLayout
     from stages.run_state import read_state, step_metrics
 
-    cfg, summary = _run(tmp_path, "smol", f"model.lora.enabled={str(lora).lower()}")
+    cfg, summary = _run(tmp_path, "smol", f"model.lora.enabled={str(lora).lower()}",
+                        *([] if lora else ["grpo.reference_while_sampling=true", "model.autocast=none"]))
     layout = RunLayout.of(tmp_path, "smol")
     table = open_rollouts(layout.rollouts_dir).to_table()
     assert table.num_rows == 2 * 2 * 2
+    scored = [len(r) for r in table.column("ref_logprobs").to_pylist()]
+    assert scored == (table.column("completion_length").to_pylist() if not lora else [0] * 8)
     prompt = table.column("prompt")[0].as_py()
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
     assert cfg.prompt.instruction in prompt
     metrics = step_metrics(layout, read_state(layout))
     assert sorted(metrics) == [0, 1]
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the iteration's first step: policy == reference
     assert "start policy" in summary["report"]
     sizes = [m["checkpoint_mb"] for m in metrics.values() if "checkpoint_mb" in m]
     assert len(sizes) == 1  # loop.checkpoint_every=2: the iteration's end only
