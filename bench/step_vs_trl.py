@@ -111,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--sampling-threads", type=int, default=None,
                    help="--pretrained: ours' sampling.threads, the torch threads its sampler decodes on (default: "
                         "--threads); TRL's generate has no such setting")
+    p.add_argument("--reference-while-sampling", action="store_true",
+                   help="--pretrained: ours' grpo.reference_while_sampling (the reference scores the outputs on a "
+                        "thread of its own while ours decodes; pair it with --sampling-threads 1)")
     p.add_argument("--omp-wait-policy", default=None,
                    help="set OMP_WAIT_POLICY (e.g. PASSIVE) for both sides; default: inherit the environment")
     p.add_argument("--steps", type=int, default=None,
@@ -341,7 +344,8 @@ class OurSide:
         c0, t0 = time.process_time(), time.perf_counter()
         with cfg.model.compute():
             table = sample_stage.sample_groups(self.sampler, qs, cfg.prompt, group_size=args.G, seed=i, run_id="race",
-                                               policy_version=i)
+                                               policy_version=i,
+                                               reference=self.ref if cfg.grpo.reference_while_sampling else None)
         t1 = time.perf_counter()
         table = reward_stage.score_rollouts(table, cfg.reward, tokenizer=self.tok)
         t2 = time.perf_counter()
@@ -473,7 +477,8 @@ class RealSide(OurSide):
             f"sampling.batch_size={args.G * args.prompts_per_step}", "sampling.temperature=1.0", "sampling.top_p=1.0",
             f"grpo.micro_batch_size={args.G * args.prompts_per_step}", "reward.sources=[{name: verifier}]",
             "prompt.format=chat", "prompt.instruction=null", "prompt.system=null", f"threads={args.threads}",
-            f"sampling.threads={args.sampling_threads or 'null'}"])
+            f"sampling.threads={args.sampling_threads or 'null'}",
+            f"grpo.reference_while_sampling={str(args.reference_while_sampling).lower()}"])
         ckpt = str(Path(args.pretrained).resolve())
         self.model, self.tok, self.opt = WORKSPACE.policy_at(ckpt, cfg)
         self.ref = WORKSPACE.reference_at(ckpt, cfg) if args.beta > 0 else None
@@ -635,7 +640,10 @@ def real_race_lines(args, res, v, command):
                                                       if args.from_json else "") +
              f" (TRL venv: `bash scripts/trl_venv.sh`; the model: `make smollm2-model`). One invocation, both sides "
              f"on the same machine, torch threads {args.threads} on both"
-             + (f" (ours decodes on {args.sampling_threads}: sampling.threads)" if args.sampling_threads else "") +
+             + (f" (ours decodes on {args.sampling_threads}: sampling.threads)" if args.sampling_threads else "")
+             + (" (ours' reference scores the outputs on a thread of its own while ours decodes: "
+                "grpo.reference_while_sampling; its last chunk's scoring is in ours' generation figure, and its "
+                "reference forward figure is 0)" if args.reference_while_sampling else "") +
              f", OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY') or '(unset)'} on both; under the machine's lock for timed runs "
              f"(jobs that do not take it can still run beside it).")
