@@ -257,8 +257,9 @@ class GRPOConfig(_Section):
             "paper's loss"))
     importance_cap: float = Field(3.0, gt=1, description="the importance weight's cap (TRL's default 3)")
     reference_while_sampling: bool = Field(False, description=(
-        "score the outputs under the reference on a thread of their own while the hf sampler draws them, "
-        "instead of in a reference forward of the update (the KL term's pi_ref; the rollouts' ref_logprobs). "
+        "iterative GRPO: score the outputs under the reference on a thread of their own while the hf sampler "
+        "draws them, instead of in a reference forward of the update (the KL term's pi_ref; the rollouts' "
+        "ref_logprobs). "
         "For a CPU whose decoding leaves a core free: pair it with sampling.threads below threads. Needs "
         "beta > 0, a full fine-tune (LoRA's reference is the policy itself), the hf sampler on the local "
         "backend and model.autocast: none (autocast is per thread)"))
