@@ -133,7 +133,7 @@ class SamplingConfig(_Section):
     threads: int | None = Field(None, gt=0, description=(
         "hf backend: torch CPU threads while it decodes (default: the run's `threads`). A decoding step's "
         "products are small; under OMP_WAIT_POLICY=PASSIVE every one of them wakes the other threads, and 1 "
-        "thread decodes SmolLM2-135M's 16 rows faster than 2 (BENCHMARKS.md, the race)"))
+        "thread decodes SmolLM2-135M's 16 rows faster than 2 (README, Speed settings)"))
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     vllm_sleep_between_steps: bool = False
     dynamic_sampling: bool = Field(False, description=(

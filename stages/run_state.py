@@ -61,9 +61,10 @@ class RunConfigChanged(UserError):
 
 
 # What a resumed run may change: where it lives, how long it goes on, how many threads it gets.
-# Where the stages run does not change what a run is: a run started locally may go on on a Ray cluster.
+# Where the stages run does not change what a run is: a run started locally may go on on a Ray cluster, and
+# the reference's log-probs may come from the update's forward or from scoring while sampling (the same numbers).
 RESUMABLE_FIELDS = frozenset({"run_id", "loop.iterations", "storage.artifacts_root", "threads", "sampling.threads",
-                              "tracking.mlflow_uri",
+                              "grpo.reference_while_sampling", "tracking.mlflow_uri",
                               *(f"cluster.{name}" for name in ClusterConfig.model_fields)})
 
 
