@@ -89,12 +89,13 @@ def grpo_update(cfg: PipelineConfig, policy: str, reference: str, rollouts: pa.T
     and is saved there (+ optimizer state; under LoRA the adapters only) when `save`, its size on disk
     in the metrics; unsaved steps are redone after a crash."""
     model, tokenizer, optimizer = WORKSPACE.policy_at(policy, cfg)
-    ref = WORKSPACE.reference_at(reference, cfg) if cfg.grpo.beta > 0 else None
     g = cfg.grpo
     try:
         with cfg.model.compute():
             batch = advantages.update_batch(rollouts, cfg.sampling.group_size, drop_flat_groups=g.drop_flat_groups,
                                             mask_truncated=g.mask_truncated)
+            # rollouts scored by the reference while sampling need no reference (a resumed process loads none)
+            ref = WORKSPACE.reference_at(reference, cfg) if g.beta > 0 and batch.ref_logp is None else None
             metrics = run_grpo_update(model, optimizer, batch,
                                       pad_id=tokenizer.pad_token_id, ref_model=ref, beta=g.beta, mu=g.mu,
                                       eps_low=g.eps_low, eps_high=g.eps_high, aggregation=g.aggregation,

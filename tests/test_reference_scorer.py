@@ -66,6 +66,20 @@ def test_a_failing_reference_fails_the_sampling_and_its_thread_ends(tiny):
     assert not any(t.name == "reference-scorer" for t in threading.enumerate())
 
 
+def test_a_sampler_error_ends_the_scorers_thread_and_is_the_one_raised(tiny, reference, monkeypatch):
+    import threading
+
+    model, tok = tiny
+
+    def broken_generate(**kwargs):
+        raise ValueError("sampler out of memory")
+
+    monkeypatch.setattr(model, "generate", broken_generate)
+    with pytest.raises(ValueError, match="sampler out of memory"):
+        sample_completions(model, tok, PROMPTS, n=N, max_new_tokens=NEW, seed=1, reference=reference)
+    assert not any(t.name == "reference-scorer" for t in threading.enumerate())
+
+
 def test_the_update_takes_the_rollouts_reference_log_probs_for_its_own_forward(tiny, reference):
     from configs.schema import PromptConfig, SamplingConfig
     from models.samplers import make_sampler
